@@ -1,0 +1,77 @@
+"""The `inbox-exporter` command line, with flags in the Prometheus style (--config.file)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from . import __version__, logs
+from .check import Checker
+from .config import ConfigError, load_config
+from .output import render_json, render_text
+
+EXIT_OK, EXIT_FAILING, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inbox-exporter",
+                                description="Verify connected inboxes over IMAP and SMTP.")
+    p.add_argument("--version", action="version", version=f"inbox-exporter {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(cmd: argparse.ArgumentParser, log_level: str = "info") -> None:
+        cmd.add_argument("--config.file", dest="config_file", default="config.yaml",
+                         metavar="FILE", help="configuration file (default: %(default)s)")
+        cmd.add_argument("--log.level", dest="log_level", default=log_level,
+                         choices=["debug", "info", "warning", "error"])
+        cmd.add_argument("--log.format", dest="log_format", default="logfmt",
+                         choices=["logfmt", "json"])
+
+    check = sub.add_parser("check", help="verify each inbox once and print the result")
+    common(check, log_level="error")  # the table already shows every failure
+    check.add_argument("--inbox", action="append", metavar="NAME",
+                       help="only this inbox (repeatable)")
+    check.add_argument("--output", choices=["text", "json"], default="text")
+    check.add_argument("--parallel", type=int, default=8, metavar="N",
+                       help="inboxes checked at once (default: %(default)s)")
+
+    cc = sub.add_parser("check-config", help="validate the configuration and exit")
+    common(cc, log_level="error")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.setup(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config_file)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        print(f"{args.config_file}: OK, {len(config.inboxes)} inboxes")
+        return EXIT_OK
+    return _check(config, args)
+
+
+def _check(config, args) -> int:
+    inboxes = config.inboxes
+    if args.inbox:
+        unknown = sorted(set(args.inbox) - {i.name for i in inboxes})
+        if unknown:
+            print(f"error: {config.source}: no inbox named {', '.join(unknown)}", file=sys.stderr)
+            return EXIT_CONFIG
+        inboxes = tuple(i for i in inboxes if i.name in args.inbox)
+    if not inboxes:
+        print(f"error: {config.source}: no inboxes configured", file=sys.stderr)
+        return EXIT_CONFIG
+    checker = Checker()
+    with ThreadPoolExecutor(max_workers=max(1, min(args.parallel, len(inboxes)))) as pool:
+        results = list(pool.map(checker.check, inboxes))
+    print(render_json(results) if args.output == "json" else render_text(results))
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILING
+
+
+if __name__ == "__main__":
+    sys.exit(main())

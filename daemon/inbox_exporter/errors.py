@@ -1,0 +1,37 @@
+"""Failures a probe detects itself: the server answered, but not what a CRM needs.
+
+Socket, TLS and protocol-library errors are not wrapped: the classifier reads them (and their
+`__cause__`/`__context__`) directly. These few exist for conditions no library raises.
+"""
+
+
+class ProbeError(Exception):
+    """Base class of the failures a probe detects itself."""
+
+
+class StepTimeout(ProbeError, TimeoutError):
+    """The step's own timeout or the check's deadline ran out (the socket was cut)."""
+
+
+class StartTLSUnavailable(ProbeError):
+    """`security: starttls` but the server does not offer STARTTLS."""
+
+
+class PlaintextLoginRefused(ProbeError):
+    """The server refuses a password over this unencrypted connection (LOGINDISABLED, no AUTH)."""
+
+
+class AuthUnavailable(ProbeError):
+    """The server offers no authentication mechanism we can use."""
+
+
+class CapabilityMissing(ProbeError):
+    """A capability a CRM needs (IMAP4rev1) is not advertised."""
+
+
+class MailboxUnavailable(ProbeError):
+    """INBOX cannot be opened read-only, or folders cannot be listed."""
+
+
+class UnexpectedReply(ProbeError):
+    """The server sent something that is not the protocol (garbage, wrong service on the port)."""

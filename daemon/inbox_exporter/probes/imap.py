@@ -1,0 +1,139 @@
+"""The IMAP chain: imap_connect, imap_login, imap_validate. Read-only: EXAMINE, never SELECT."""
+
+from __future__ import annotations
+
+import imaplib
+import logging
+import ssl
+
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError
+
+from .. import errors
+from ..config import Inbox
+from ..model import CertificateInfo, Phase, Protocol
+from .transport import Connection, certificate_info, context_for, open_socket, untrusted_certificate
+
+# IMAPClient logs every command at DEBUG, LOGIN included: never let that reach a handler.
+logging.getLogger("imapclient").setLevel(logging.WARNING)
+
+CLOSE_TIMEOUT = 2.0
+
+
+class _IMAP4(imaplib.IMAP4):
+    """imaplib on a socket we opened ourselves (so DNS, TCP and TLS are timed and classified)."""
+
+    def __init__(self, open_fn, host: str, port: int):
+        self._open_fn = open_fn
+        super().__init__(host, port)
+
+    def _create_socket(self, timeout=None):
+        return self._open_fn()
+
+
+class _Client(IMAPClient):
+    def __init__(self, open_fn, host: str, port: int, use_ssl: bool, timeout: float):
+        self._open_fn = open_fn
+        super().__init__(host, port, ssl=use_ssl, timeout=timeout)
+
+    def _create_IMAP4(self):  # IMAPClient's one seam where the connection is created
+        return _IMAP4(self._open_fn, self.host, self.port)
+
+
+class ImapProbe:
+    protocol = Protocol.IMAP
+
+    def __init__(self, inbox: Inbox):
+        self.inbox = inbox
+        self.conn = Connection()
+        self.client: _Client | None = None
+        self.certificate: CertificateInfo | None = None
+        self._tls = context_for(inbox.ca_file, inbox.allow_insecure_certificate)
+        self._encrypted = False
+
+    def connect(self, timeout: float) -> None:
+        ep = self.inbox.imap
+        implicit = ep.security == "ssl"
+
+        def open_fn():
+            return open_socket(self.conn, ep.host, ep.port, timeout, self.inbox.source_address,
+                               self._tls if implicit else None)
+
+        try:
+            self.client = _Client(open_fn, ep.host, ep.port, implicit, timeout)
+        except ssl.SSLCertVerificationError:
+            self.certificate = untrusted_certificate(self.protocol)
+            raise
+        except imaplib.IMAP4.error as e:
+            if "unexpected response" in str(e):
+                raise errors.UnexpectedReply(f"not an IMAP greeting: {e}") from e
+            raise
+        if implicit:
+            self._encrypted = True
+            self.certificate = certificate_info(self.client.socket(), self.protocol)
+        if ep.security == "starttls":
+            self.conn.phase = Phase.STARTTLS
+            if not self.client.has_capability("STARTTLS"):
+                raise errors.StartTLSUnavailable("the server does not offer STARTTLS on this port")
+            try:
+                self.client.starttls(self._tls)
+            except ssl.SSLCertVerificationError:
+                self.certificate = untrusted_certificate(self.protocol)
+                raise
+            self.conn.sock = self.client.socket()
+            self._encrypted = True
+            self.certificate = certificate_info(self.client.socket(), self.protocol)
+        self.conn.phase = Phase.COMMAND
+
+    def login(self, timeout: float) -> None:
+        client = self._ready(timeout)
+        caps = client.capabilities()
+        username = self.inbox.username
+        password = self.inbox.password.get_secret_value()
+        if b"LOGINDISABLED" in caps:
+            # RFC 3501 6.2.3: the client MUST NOT send LOGIN then; don't leak the password.
+            if not self._encrypted:
+                raise errors.PlaintextLoginRefused(
+                    "the server advertises LOGINDISABLED: no password over an unencrypted connection")
+            if b"AUTH=PLAIN" not in caps:
+                raise errors.AuthUnavailable("LOGINDISABLED and no AUTH=PLAIN offered")
+            client.plain_login(username, password)
+        else:
+            client.login(username, password)
+
+    def validate(self, timeout: float) -> None:
+        client = self._ready(timeout)
+        caps = client.capabilities()
+        if b"IMAP4REV1" not in caps and b"IMAP4REV2" not in caps:
+            shown = " ".join(c.decode() for c in caps)
+            raise errors.CapabilityMissing(f"IMAP4rev1 is not in CAPABILITY ({shown})")
+        try:
+            client.select_folder("INBOX", readonly=True)  # EXAMINE: changes no flag
+        except IMAPClientError as e:
+            raise errors.MailboxUnavailable(f"EXAMINE INBOX failed: {e}") from e
+        try:
+            folders = client.list_folders()
+        except IMAPClientError as e:
+            raise errors.MailboxUnavailable(f"LIST failed: {e}") from e
+        if not folders:
+            raise errors.MailboxUnavailable("LIST returned no folders")
+
+    def close(self) -> None:
+        """LOGOUT when possible; always close the socket."""
+        if self.client is not None:
+            try:
+                self.client.socket().settimeout(CLOSE_TIMEOUT)
+                self.client.logout()
+            except Exception:  # noqa: BLE001 - the server may be gone already
+                pass
+            try:
+                self.client.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+        if self.conn.sock is not None:
+            self.conn.sock.close()
+
+    def _ready(self, timeout: float) -> _Client:
+        assert self.client is not None
+        self.client.socket().settimeout(timeout)
+        return self.client

@@ -1,0 +1,155 @@
+"""The SMTP chain: smtp_connect, smtp_login, test_email."""
+
+from __future__ import annotations
+
+import functools
+import smtplib
+import socket
+import ssl
+from email.message import EmailMessage
+from email.utils import formatdate
+
+from .. import errors
+from ..config import Inbox
+from ..model import CertificateInfo, Phase, Protocol
+from .transport import Connection, certificate_info, context_for, open_socket, untrusted_certificate
+
+CLOSE_TIMEOUT = 2.0
+PROBE_HEADER = "X-Inbox-Exporter-Probe"
+# Preferred first; CRAM-MD5 and friends are obsolete and XOAUTH2 needs a token, not a password.
+MECHANISMS = ("PLAIN", "LOGIN")
+
+
+@functools.lru_cache(maxsize=1)
+def ehlo_name() -> str:
+    """Our EHLO name, looked up once: getfqdn() may do a slow reverse DNS lookup."""
+    return socket.getfqdn()
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib on a socket we opened ourselves; built without a host so nothing connects early."""
+
+    def __init__(self, open_fn, timeout: float):
+        self._open_fn = open_fn
+        super().__init__(local_hostname=ehlo_name(), timeout=timeout)
+
+    def _get_socket(self, host, port, timeout):
+        return self._open_fn()
+
+
+def probe_message(inbox: Inbox, probe_id: str) -> EmailMessage:
+    """The test email: findable later by its Message-ID or our header, both carrying the id."""
+    domain = inbox.email.rpartition("@")[2]
+    msg = EmailMessage()
+    msg["From"] = inbox.email
+    msg["To"] = inbox.test_email_to
+    msg["Subject"] = inbox.test_email_subject
+    msg["Date"] = formatdate(localtime=False, usegmt=True)
+    msg["Message-ID"] = f"<inbox-exporter.{probe_id}@{domain}>"
+    msg[PROBE_HEADER] = probe_id
+    msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies to a monitor
+    msg.set_content(
+        f"This is an automated test email sent by inbox-exporter to verify that the inbox "
+        f"{inbox.name} can send mail. It can be deleted.\n\nProbe id: {probe_id}\n")
+    return msg
+
+
+class SmtpProbe:
+    protocol = Protocol.SMTP
+
+    def __init__(self, inbox: Inbox, probe_id: str):
+        self.inbox = inbox
+        self.probe_id = probe_id
+        self.conn = Connection()
+        self.smtp: _SMTP | None = None
+        self.certificate: CertificateInfo | None = None
+        self._tls = context_for(inbox.ca_file, inbox.allow_insecure_certificate)
+        self._encrypted = False
+        self.accepted_at: float | None = None
+
+    def connect(self, timeout: float) -> None:
+        ep = self.inbox.smtp
+        implicit = ep.security == "ssl"
+
+        def open_fn():
+            return open_socket(self.conn, ep.host, ep.port, timeout, self.inbox.source_address,
+                               self._tls if implicit else None)
+
+        smtp = self.smtp = _SMTP(open_fn, timeout)
+        smtp._host = ep.host  # starttls() checks the certificate against this name
+        try:
+            smtp.connect(ep.host, ep.port)
+        except ssl.SSLCertVerificationError:
+            self.certificate = untrusted_certificate(self.protocol)
+            raise
+        except smtplib.SMTPConnectError as e:
+            if e.smtp_code == -1:
+                raise errors.UnexpectedReply(f"not an SMTP greeting: {e.smtp_error!r}") from e
+            raise
+        if implicit:
+            self._encrypted = True
+            self.certificate = certificate_info(smtp.sock, self.protocol)
+        self.conn.phase = Phase.COMMAND
+        self._ehlo()
+        if ep.security == "starttls":
+            self.conn.phase = Phase.STARTTLS
+            if not smtp.has_extn("starttls"):
+                raise errors.StartTLSUnavailable("the server does not offer STARTTLS on this port")
+            try:
+                smtp.starttls(context=self._tls)
+            except ssl.SSLCertVerificationError:
+                self.certificate = untrusted_certificate(self.protocol)
+                raise
+            self.conn.sock = smtp.sock
+            self._encrypted = True
+            self.certificate = certificate_info(smtp.sock, self.protocol)
+            self.conn.phase = Phase.COMMAND
+            self._ehlo()
+
+    def _ehlo(self) -> None:
+        assert self.smtp is not None
+        code, reply = self.smtp.ehlo()
+        if code != 250:
+            raise smtplib.SMTPHeloError(code, reply)
+
+    def login(self, timeout: float) -> None:
+        smtp = self._ready(timeout)
+        if not smtp.has_extn("auth"):
+            if not self._encrypted:
+                raise errors.PlaintextLoginRefused(
+                    "the server offers no AUTH on this unencrypted connection")
+            raise errors.AuthUnavailable("the server advertises no AUTH mechanism")
+        offered = smtp.esmtp_features["auth"].upper().split()
+        mechanism = next((m for m in MECHANISMS if m in offered), None)
+        if mechanism is None:
+            raise errors.AuthUnavailable(f"no usable AUTH mechanism among {' '.join(offered)}")
+        # One AUTH with one mechanism: smtplib's login() would retry every mechanism and turn
+        # one wrong password into several failed logins (and faster account lockouts).
+        smtp.user, smtp.password = self.inbox.username, self.inbox.password.get_secret_value()
+        try:
+            smtp.auth(mechanism, getattr(smtp, f"auth_{mechanism.lower()}"))
+        finally:
+            smtp.password = ""
+
+    def send_test_email(self, timeout: float) -> None:
+        smtp = self._ready(timeout)
+        msg = probe_message(self.inbox, self.probe_id)
+        smtp.send_message(msg, from_addr=self.inbox.email, to_addrs=[self.inbox.test_email_to])
+
+    def close(self) -> None:
+        """QUIT when possible; always close the socket."""
+        if self.smtp is not None:
+            try:
+                if self.smtp.sock is not None:
+                    self.smtp.sock.settimeout(CLOSE_TIMEOUT)
+                    self.smtp.quit()
+            except Exception:  # noqa: BLE001 - the server may be gone already
+                pass
+            self.smtp.close()
+        if self.conn.sock is not None:
+            self.conn.sock.close()
+
+    def _ready(self, timeout: float) -> _SMTP:
+        assert self.smtp is not None and self.smtp.sock is not None
+        self.smtp.sock.settimeout(timeout)
+        return self.smtp

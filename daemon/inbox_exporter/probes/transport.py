@@ -1,0 +1,145 @@
+"""Opening a connection to a mail server: DNS, TCP, implicit TLS; certificates; TLS contexts.
+
+Both protocols open their sockets here so that each phase is known to the classifier (a
+timeout while connecting is a firewall, a timeout after connecting is a silent server) and
+the certificate is recorded the same way for IMAP and SMTP.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import ssl
+from datetime import datetime, timezone
+
+from ..model import CertificateInfo, Phase, Protocol
+
+
+class Connection:
+    """The state of one connection attempt that the step runner needs to see."""
+
+    def __init__(self) -> None:
+        self.phase = Phase.DNS
+        self.sock: socket.socket | None = None
+
+    def abort(self) -> None:
+        """Cut the connection now (from another thread): a blocked read fails at once."""
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def open_socket(conn: Connection, host: str, port: int, timeout: float,
+                source_address: str | None, tls: ssl.SSLContext | None) -> socket.socket:
+    """Resolve, connect (trying each address, like socket.create_connection) and wrap in TLS."""
+    conn.phase = Phase.DNS
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    conn.phase = Phase.CONNECT
+    last: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        conn.sock = sock
+        try:
+            sock.settimeout(timeout)
+            if source_address:
+                sock.bind((source_address, 0))
+            sock.connect(address)
+            break
+        except OSError as e:
+            sock.close()
+            last = e
+    else:
+        assert last is not None
+        raise last
+    if tls is not None:
+        conn.phase = Phase.TLS
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            conn.sock.close()
+            raise
+        conn.sock = sock
+    conn.phase = Phase.GREETING
+    return sock
+
+
+@functools.lru_cache(maxsize=64)
+def tls_context(ca_file: str | None, insecure: bool, _ca_mtime: float = 0.0) -> ssl.SSLContext:
+    """A client context; cached, since loading the system trust store costs milliseconds."""
+    ctx = ssl.create_default_context()
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)  # in addition to the system store
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def context_for(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
+    mtime = 0.0
+    if ca_file:
+        try:
+            mtime = os.stat(ca_file).st_mtime  # a renewed CA file is picked up without restart
+        except OSError:
+            pass
+    return tls_context(ca_file, insecure, mtime)
+
+
+def certificate_info(sock: ssl.SSLSocket, protocol: Protocol) -> CertificateInfo:
+    verified = sock.context.verify_mode != ssl.CERT_NONE
+    not_after = None
+    if verified:
+        cert = sock.getpeercert()
+        if cert and "notAfter" in cert:
+            not_after = float(ssl.cert_time_to_seconds(cert["notAfter"]))
+    else:
+        der = sock.getpeercert(binary_form=True)
+        if der:
+            not_after = der_not_after(der)
+    return CertificateInfo(protocol=protocol, not_after=not_after, trusted=verified)
+
+
+def untrusted_certificate(protocol: Protocol) -> CertificateInfo:
+    return CertificateInfo(protocol=protocol, not_after=None, trusted=False)
+
+
+def der_not_after(der: bytes) -> float | None:
+    """notAfter of an X.509 certificate in DER (RFC 5280 4.1), without a crypto library.
+
+    Needed when verification is off: Python then exposes only the raw certificate.
+    Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber,
+    signature, issuer, validity SEQUENCE { notBefore, notAfter }, ... } ... }
+    """
+    try:
+        _, start, _ = _tlv(der, 0)  # Certificate
+        _, pos, _ = _tlv(der, start)  # tbsCertificate
+        tag, _, end = _tlv(der, pos)
+        if tag == 0xA0:  # explicit version
+            pos = end
+        for _ in range(3):  # serialNumber, signature, issuer
+            pos = _tlv(der, pos)[2]
+        _, vstart, _ = _tlv(der, pos)  # validity
+        after_pos = _tlv(der, vstart)[2]
+        tag, s, e = _tlv(der, after_pos)
+        text = der[s:e].decode("ascii")
+        fmt = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime / GeneralizedTime
+        return datetime.strptime(text, fmt).replace(tzinfo=timezone.utc).timestamp()
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _tlv(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of value, end of value) of the DER element at pos."""
+    tag, length = buf[pos], buf[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        length = int.from_bytes(buf[pos:pos + n], "big")
+        pos += n
+    if pos + length > len(buf):
+        raise IndexError("truncated DER")
+    return tag, pos, pos + length
