@@ -78,14 +78,14 @@ class SmtpProbe:
         smtp = self.smtp = _SMTP(open_fn, timeout)
         smtp._host = ep.host  # starttls() checks the certificate against this name
         try:
-            smtp.connect(ep.host, ep.port)
+            code, greeting = smtp.connect(ep.host, ep.port)
         except ssl.SSLCertVerificationError:
             self.certificate = untrusted_certificate(self.protocol)
             raise
-        except smtplib.SMTPConnectError as e:
-            if e.smtp_code == -1:
-                raise errors.UnexpectedReply(f"not an SMTP greeting: {e.smtp_error!r}") from e
-            raise
+        if code == -1:  # smtplib's word for "no three-digit code"
+            raise errors.UnexpectedReply(f"not an SMTP greeting: {greeting!r}")
+        if code != 220:
+            raise smtplib.SMTPConnectError(code, greeting)
         if implicit:
             self._encrypted = True
             self.certificate = certificate_info(smtp.sock, self.protocol)

@@ -1,0 +1,75 @@
+"""Shared fixtures: inboxes built through the real config parser, and the real mail lab."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from inbox_exporter.config import Inbox, parse_config
+
+PASSWORD = "Pw-never-shown-7f3a9c"  # searched for in every output by the secrets tests
+
+
+def make_inbox(**overrides) -> Inbox:
+    """An inbox through the real config parser; nested dicts (imap, smtp) are merged."""
+    entry = {
+        "name": "test",
+        "email": "alice@example.test",
+        "password": PASSWORD,
+        "imap": {"host": "127.0.0.1", "port": 1, "security": "none"},
+        "smtp": {"host": "127.0.0.1", "port": 1, "security": "none"},
+        "timeout": "5s",
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(entry.get(key), dict):
+            entry[key] = {**copy.deepcopy(entry[key]), **value}
+        elif value is None:
+            entry.pop(key, None)
+        else:
+            entry[key] = value
+    text = yaml.safe_dump({"inboxes": [entry]})
+    return parse_config(text, "test.yaml", {}).inboxes[0]
+
+
+@pytest.fixture
+def inbox_factory():
+    return make_inbox
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    """Real Dovecot + Postfix on 127.0.0.1 high ports, once per test session."""
+    from maillab import MailLab
+
+    mail_lab = MailLab(tmp_path_factory.mktemp("lab"))
+    mail_lab.start()
+    try:
+        yield mail_lab
+    finally:
+        mail_lab.stop()
+
+
+@pytest.fixture
+def lab_inbox(lab):
+    """An inbox on the lab's good endpoints (IMAPS, submission with STARTTLS), trusting its CA."""
+
+    def build(user: str = "alice", **overrides) -> Inbox:
+        u = lab.users[user]
+        base = {
+            "email": u.address,
+            "password": u.password,
+            "imap": {"host": lab.host, "port": lab.ports.imaps, "security": "ssl"},
+            "smtp": {"host": lab.host, "port": lab.ports.submission, "security": "starttls"},
+            "ca_file": str(lab.ca_file),
+            "test_email": {"to": lab.users["bcc"].address},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key] = {**base[key], **value}
+            else:
+                base[key] = value
+        return make_inbox(**base)
+
+    return build

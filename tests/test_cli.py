@@ -1,0 +1,138 @@
+"""`inbox-exporter check` and `check-config`: output, exit codes, and no password anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import yaml
+
+from inbox_exporter import check as check_module
+from inbox_exporter.check import Checker
+from inbox_exporter.model import ALL_STEPS
+
+from .conftest import PASSWORD
+
+ROOT = Path(__file__).parent.parent
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "PYTHONPATH": str(ROOT / "daemon"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "inbox_exporter", *args], capture_output=True,
+                          text=True, env=environ, timeout=120)
+
+
+def write_config(tmp_path: Path, lab, inboxes: list[dict]) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "defaults": {"timeout": "3s", "ca_file": str(lab.ca_file),
+                     "test_email": {"to": lab.users["bcc"].address}},
+        "inboxes": inboxes}))
+    return path
+
+
+def lab_entry(lab, name: str, user: str = "alice", **extra) -> dict:
+    u = lab.users[user]
+    return {"name": name, "email": u.address, "password_env": "PW_" + name.upper(),
+            "imap": {"host": lab.host, "port": lab.ports.imaps, "security": "ssl"},
+            "smtp": {"host": lab.host, "port": lab.ports.submission, "security": "starttls"},
+            **extra}
+
+
+@pytest.fixture
+def two_inboxes(tmp_path, lab):
+    """A healthy inbox and one whose password (PASSWORD) is wrong."""
+    config = write_config(tmp_path, lab, [lab_entry(lab, "good"), lab_entry(lab, "bad")])
+    env = {"PW_GOOD": lab.users["alice"].password, "PW_BAD": PASSWORD}
+    return config, env
+
+
+def test_check_prints_a_table_with_category_reason_and_hint_and_exits_1_when_one_fails(two_inboxes):
+    config, env = two_inboxes
+    out = run_cli("check", "--config.file", str(config), env=env)
+    assert out.returncode == 1, out.stderr
+    assert "good: OK" in out.stdout and "bad: FAILING" in out.stdout
+    assert "unauthorized / auth_failed" in out.stdout
+    assert "hint: The server rejected the credentials" in out.stdout
+    assert "1 of 2 inboxes OK" in out.stdout
+
+
+def test_check_exits_0_when_all_pass_and_can_pick_one_inbox(two_inboxes):
+    config, env = two_inboxes
+    out = run_cli("check", "--config.file", str(config), "--inbox", "good", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "bad" not in out.stdout
+
+
+def test_check_json_has_exactly_the_documented_shape(two_inboxes):
+    config, env = two_inboxes
+    out = run_cli("check", "--config.file", str(config), "--output", "json", env=env)
+    doc = json.loads(out.stdout)
+    assert list(doc) == ["inboxes"]
+    by_name = {i["name"]: i for i in doc["inboxes"]}
+    assert by_name["good"]["ok"] is True and by_name["bad"]["ok"] is False
+    for inbox in doc["inboxes"]:
+        assert list(inbox) == ["name", "ok", "steps"]
+        assert [s["step"] for s in inbox["steps"]] == [s.value for s in ALL_STEPS]
+        for s in inbox["steps"]:
+            assert list(s) == ["step", "status", "duration_seconds", "category", "reason",
+                               "hint", "detail"]
+            assert s["status"] in ("ok", "failed", "skipped")
+    login = by_name["bad"]["steps"][1]
+    assert (login["status"], login["category"], login["reason"]) == ("failed", "unauthorized",
+                                                                      "auth_failed")
+    assert login["hint"] and login["detail"]
+
+
+def test_a_config_error_exits_2_with_one_line_naming_the_inbox(tmp_path):
+    bad = tmp_path / "config.yaml"
+    bad.write_text("inboxes:\n  - {name: sales, email: a@b.c, password_env: NOPE_UNSET, provider: gmail}\n")
+    for command in ("check", "check-config"):
+        out = run_cli(command, "--config.file", str(bad))
+        assert out.returncode == 2
+        assert out.stderr.strip() == (f"error: {bad}: inboxes[sales].password_env: "
+                                      "environment variable NOPE_UNSET is not set")
+        assert "Traceback" not in out.stderr
+
+
+def test_check_config_accepts_the_example(tmp_path):
+    out = run_cli("check-config", "--config.file", str(ROOT / "config.example.yaml"),
+                  env={"SALES_PASSWORD": "x", "SUPPORT_PASSWORD": "y"})
+    assert out.returncode == 0, out.stderr
+    assert "OK, 2 inboxes" in out.stdout
+
+
+def test_the_password_never_appears_in_text_json_or_debug_logs(two_inboxes, lab):
+    config, env = two_inboxes
+    env["PW_GOOD"] = PASSWORD
+    lab.set_password("alice", PASSWORD)  # the healthy inbox logs in with it too
+    try:
+        for output in ("text", "json"):
+            out = run_cli("check", "--config.file", str(config), "--output", output,
+                          "--log.level", "debug", "--log.format", "json", env=env)
+            assert "auth_failed" in out.stdout + out.stderr or output == "text"
+            assert PASSWORD not in out.stdout and PASSWORD not in out.stderr
+    finally:
+        lab.set_password("alice", lab.users["alice"].password)
+
+
+def test_the_password_is_in_no_exception_a_failed_step_raised(lab, lab_inbox, monkeypatch):
+    seen = []
+    real = check_module.classify
+
+    def spy(step, exc, phase, ctx, secrets):
+        seen.append(exc)
+        return real(step, exc, phase, ctx, secrets)
+
+    monkeypatch.setattr(check_module, "classify", spy)
+    result = Checker().check(lab_inbox(password=PASSWORD))
+    assert len(seen) == 2  # the IMAP and the SMTP login
+    for exc in seen:
+        text = "".join(traceback.format_exception(exc))
+        assert PASSWORD not in text and PASSWORD not in repr(exc)
+    assert PASSWORD not in json.dumps(result.to_json())

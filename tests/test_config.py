@@ -1,0 +1,147 @@
+"""The configuration format: every error is one line naming the path; defaults and presets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from inbox_exporter import config as cfg
+from inbox_exporter.config import ConfigError, parse_config
+
+TESTDATA = Path(__file__).parent / "testdata" / "config"
+ROOT = Path(__file__).parent.parent
+ENV = {"SALES_PASSWORD": "s3cret-sales", "SUPPORT_PASSWORD": "s3cret-support"}
+
+
+def invalid_cases():
+    for path in sorted(TESTDATA.glob("invalid-*.yaml")):
+        first = path.read_text().splitlines()[0]
+        yield pytest.param(path, first.removeprefix("# error: "), id=path.stem)
+
+
+@pytest.mark.parametrize("path,expected", invalid_cases())
+def test_an_invalid_config_is_one_line_naming_the_path(path, expected):
+    with pytest.raises(ConfigError) as e:
+        cfg.load_config(str(path), environ=ENV)
+    assert str(e.value) == f"{path}: {expected}"
+    assert "\n" not in str(e.value)
+
+
+def load(text: str, environ=ENV):
+    return parse_config(text, "config.yaml", environ)
+
+
+def test_defaults_are_inherited_and_an_inbox_may_override_them():
+    config = load("""
+defaults:
+  interval: 5m
+  timeout: 10s
+  test_email: {to: bcc@crm.example.com}
+inboxes:
+  - {name: a, email: a@example.com, password_env: SALES_PASSWORD, provider: gmail}
+  - {name: b, email: b@example.com, password_env: SALES_PASSWORD, provider: gmail,
+     interval: 30s, test_email: {to: other@crm.example.com}}
+""")
+    a, b = config.inboxes
+    assert (a.interval, a.timeout, a.test_email_to) == (300, 10, "bcc@crm.example.com")
+    assert (b.interval, b.timeout, b.test_email_to) == (30, 10, "other@crm.example.com")
+    assert a.deadline == 40  # four step timeouts...
+    assert b.deadline == 30  # ...but never longer than the interval
+
+
+def test_a_preset_fills_servers_and_explicit_keys_win():
+    config = load("""
+inboxes:
+  - name: g
+    email: me@gmail.com
+    password_env: SALES_PASSWORD
+    provider: gmail
+    smtp: {port: 465}
+""")
+    g = config.inboxes[0]
+    assert (g.imap.host, g.imap.port, g.imap.security) == ("imap.gmail.com", 993, "ssl")
+    # Port 465 without a security key means implicit TLS, not the preset's STARTTLS.
+    assert (g.smtp.host, g.smtp.port, g.smtp.security) == ("smtp.gmail.com", 465, "ssl")
+    assert g.provider == "gmail"
+    assert g.username == "me@gmail.com"  # the email address unless a custom username is set
+
+
+@pytest.mark.parametrize("security,imap_port,smtp_port", [
+    ("ssl", 993, 465), ("starttls", 143, 587), ("none", 143, 587)])
+def test_ports_default_from_security(security, imap_port, smtp_port):
+    config = load(f"""
+inboxes:
+  - name: x
+    email: x@example.com
+    username: custom-login
+    password_env: SALES_PASSWORD
+    imap: {{host: mail.example.com, security: {security}}}
+    smtp: {{host: mail.example.com, security: {security}}}
+""")
+    x = config.inboxes[0]
+    assert (x.imap.port, x.smtp.port) == (imap_port, smtp_port)
+    assert x.username == "custom-login"
+    assert x.provider == "other"
+
+
+@pytest.mark.parametrize("host,provider", [
+    ("outlook.office365.com", "outlook"), ("imap.gmail.com", "gmail"),
+    ("imap.mail.me.com", "icloud"), ("mail.example.com", "other")])
+def test_the_provider_label_is_derived_from_the_host(host, provider):
+    config = load(f"""
+inboxes:
+  - {{name: x, email: x@example.com, password_env: SALES_PASSWORD,
+     imap: {{host: {host}}}, smtp: {{host: {host}}}}}
+""")
+    assert config.inboxes[0].provider == provider
+
+
+@pytest.mark.parametrize("name", ["gmail", "outlook", "microsoft365", "yahoo", "icloud",
+                                  "fastmail", "zoho"])
+def test_every_preset_the_docs_promise_exists(name):
+    config = load(f"""
+inboxes:
+  - {{name: x, email: x@example.com, password_env: SALES_PASSWORD, provider: {name}}}
+""")
+    assert config.inboxes[0].imap.host and config.inboxes[0].smtp.host
+
+
+def test_password_from_a_file_drops_the_trailing_newline(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("from-file\n")
+    config = load(f"""
+inboxes:
+  - {{name: x, email: x@example.com, password_file: {pw}, provider: gmail}}
+""")
+    assert config.inboxes[0].password.get_secret_value() == "from-file"
+
+
+def test_the_password_is_masked_when_an_inbox_is_printed():
+    inbox = load("""
+inboxes:
+  - {name: x, email: x@example.com, password_env: SALES_PASSWORD, provider: gmail}
+""").inboxes[0]
+    assert "s3cret-sales" not in repr(inbox) and "s3cret-sales" not in str(inbox)
+
+
+@pytest.mark.parametrize("text,seconds", [("30s", 30), ("5m", 300), ("1h", 3600),
+                                          ("1h30m", 5400), ("1m30s", 90), ("500ms", 0.5)])
+def test_durations_use_the_prometheus_style(text, seconds):
+    assert cfg.parse_duration(text) == seconds
+
+
+def test_the_example_config_is_valid_and_shows_the_real_defaults():
+    example = (ROOT / "config.example.yaml").read_text()
+    env = {name: "x" for name in re.findall(r"password_env: (\w+)", example)}
+    config = parse_config(example, "config.example.yaml", env)
+    assert config.inboxes
+    defaults = yaml.safe_load(example)["defaults"]
+    assert cfg.parse_duration(defaults["interval"]) == cfg.DEFAULT_INTERVAL
+    assert cfg.parse_duration(defaults["timeout"]) == cfg.DEFAULT_TIMEOUT
+    # every key the models accept is shown (and so documented) in the example
+    for model in (cfg.InboxModel, cfg.DefaultsModel, cfg.ServerModel, cfg.TestEmailModel):
+        for key in model.model_fields:
+            assert re.search(rf"^\s*(- )?#? ?{key}:", example, re.M), f"{model.__name__}.{key}"
