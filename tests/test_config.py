@@ -141,7 +141,13 @@ def test_the_example_config_is_valid_and_shows_the_real_defaults():
     defaults = yaml.safe_load(example)["defaults"]
     assert cfg.parse_duration(defaults["interval"]) == cfg.DEFAULT_INTERVAL
     assert cfg.parse_duration(defaults["timeout"]) == cfg.DEFAULT_TIMEOUT
+    checks = yaml.safe_load(example)["checks"]
+    for key, field in cfg.ChecksModel.model_fields.items():
+        value = checks[key]
+        shown = cfg.parse_duration(value) if isinstance(value, str) else value
+        assert shown == field.default, key
     # every key the models accept is shown (and so documented) in the example
-    for model in (cfg.InboxModel, cfg.DefaultsModel, cfg.ServerModel, cfg.TestEmailModel):
+    for model in (cfg.InboxModel, cfg.DefaultsModel, cfg.ServerModel, cfg.TestEmailModel,
+                  cfg.ChecksModel, cfg.MetricsModel):
         for key in model.model_fields:
             assert re.search(rf"^\s*(- )?#? ?{key}:", example, re.M), f"{model.__name__}.{key}"

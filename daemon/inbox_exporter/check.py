@@ -17,7 +17,8 @@ from . import errors
 from .classify import Context, classify
 from .config import Inbox
 from .deadline import WATCHDOG, Deadline, Watchdog
-from .model import CertificateInfo, CheckResult, Status, Step, StepResult
+from .limits import ConnectionLimits
+from .model import CheckResult, Status, Step, StepResult
 from .probes.imap import ImapProbe
 from .probes.smtp import SmtpProbe
 
@@ -29,8 +30,10 @@ DEADLINE_NOTE = "not run: the check's deadline was exhausted"
 class Checker:
     """Runs checks; the clock and the watchdog are injected so tests can drive time."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, limits: ConnectionLimits | None = None,
+                 clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time, watchdog: Watchdog = WATCHDOG):
+        self.limits = limits or ConnectionLimits()
         self.clock, self.wall, self.watchdog = clock, wall, watchdog
 
     def check(self, inbox: Inbox, probe_id: str | None = None) -> CheckResult:
@@ -38,38 +41,41 @@ class Checker:
         started_at, t0 = self.wall(), self.clock()
         deadline = Deadline(inbox.deadline, self.clock)
         steps: list[StepResult] = []
-        certificates: list[CertificateInfo] = []
 
         imap = ImapProbe(inbox)
-        try:
-            steps += self._chain(inbox, imap, deadline, (
-                (Step.IMAP_CONNECT, imap.connect),
-                (Step.IMAP_LOGIN, imap.login),
-                (Step.IMAP_VALIDATE, imap.validate),
-            ))
-        finally:
-            imap.close()
-        if imap.certificate:
-            certificates.append(imap.certificate)
-
+        steps += self._guarded(inbox, imap, inbox.imap.host, deadline, (
+            (Step.IMAP_CONNECT, imap.connect),
+            (Step.IMAP_LOGIN, imap.login),
+            (Step.IMAP_VALIDATE, imap.validate),
+        ))
         smtp = SmtpProbe(inbox, probe_id)
         smtp_steps: list[tuple[Step, Callable[[float], None]]] = [
             (Step.SMTP_CONNECT, smtp.connect), (Step.SMTP_LOGIN, smtp.login)]
         if inbox.test_email_to:
             smtp_steps.append((Step.TEST_EMAIL, smtp.send_test_email))
-        try:
-            steps += self._chain(inbox, smtp, deadline, smtp_steps)
-        finally:
-            smtp.close()
+        steps += self._guarded(inbox, smtp, inbox.smtp.host, deadline, smtp_steps)
         if not inbox.test_email_to:
             steps.append(StepResult(Step.TEST_EMAIL, Status.SKIPPED,
                                     note="disabled: no test_email.to configured"))
-        if smtp.certificate:
-            certificates.append(smtp.certificate)
+        certificates = [p.certificate for p in (imap, smtp) if p.certificate]
 
         return CheckResult(inbox=inbox.name, started_at=started_at,
                            duration_seconds=self.clock() - t0, steps=tuple(steps),
                            probe_id=probe_id, certificates=tuple(certificates))
+
+    def _guarded(self, inbox: Inbox, probe: ImapProbe | SmtpProbe, host: str,
+                 deadline: Deadline, chain: Sequence[tuple[Step, Callable[[float], None]]]
+                 ) -> list[StepResult]:
+        """One chain on one connection, within the connection caps; always closed."""
+        with self.limits.slot(probe.protocol.value, host, inbox.username,
+                              deadline.remaining()) as granted:
+            if not granted:
+                note = "not run: no connection slot free before the deadline (connection caps)"
+                return [StepResult(step, Status.SKIPPED, note=note) for step, _ in chain]
+            try:
+                return self._chain(inbox, probe, deadline, chain)
+            finally:
+                probe.close()
 
     def _chain(self, inbox: Inbox, probe: ImapProbe | SmtpProbe, deadline: Deadline,
                chain: Sequence[tuple[Step, Callable[[float], None]]]) -> list[StepResult]:

@@ -12,6 +12,7 @@ from .config import ConfigError, load_config
 from .output import render_json, render_text
 
 EXIT_OK, EXIT_FAILING, EXIT_CONFIG = 0, 1, 2
+DEFAULT_LISTEN = ":9857"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,12 +39,24 @@ def _parser() -> argparse.ArgumentParser:
 
     cc = sub.add_parser("check-config", help="validate the configuration and exit")
     common(cc, log_level="error")
+
+    run = sub.add_parser("run", help="the exporter: check every inbox on schedule, serve metrics")
+    common(run)
+    run.add_argument("--web.listen-address", dest="listen", default=DEFAULT_LISTEN,
+                     metavar="ADDR", help="address for /metrics and the status page "
+                                          "(default: %(default)s)")
+    run.add_argument("--shutdown.grace-period", dest="grace", default="20s", metavar="DURATION",
+                     help="on SIGTERM, how long checks in flight may finish (default: %(default)s)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
+    if args.command == "run":
+        from .run import run
+
+        return run(args.config_file, args.listen, args.grace)
     try:
         config = load_config(args.config_file)
     except ConfigError as e:

@@ -113,7 +113,30 @@ class InboxModel(_Overridable):
     smtp: ServerModel = ServerModel()
 
 
+def _positive(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+Positive = Annotated[int, BeforeValidator(_positive)]
+
+
+class ChecksModel(_Strict):
+    """How the daemon runs checks (process-wide)."""
+
+    concurrency: Positive = 32  # worker threads; read at start-up only
+    max_connections_per_host: Positive = 10
+    auth_failure_max_interval: Duration = 3600.0
+
+
+class MetricsModel(_Strict):
+    expose_email: bool = False  # the address is personal data: off unless the operator opts in
+
+
 class ConfigModel(_Strict):
+    checks: ChecksModel = ChecksModel()
+    metrics: MetricsModel = MetricsModel()
     defaults: DefaultsModel = DefaultsModel()
     inboxes: list[InboxModel] = []
 
@@ -152,6 +175,8 @@ class Inbox:
 class Config:
     inboxes: tuple[Inbox, ...]
     source: str
+    checks: ChecksModel = ChecksModel()
+    metrics: MetricsModel = MetricsModel()
 
     def inbox(self, name: str) -> Inbox:
         for i in self.inboxes:
@@ -200,7 +225,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> Config:
         model = ConfigModel.model_validate(data)
     except ValidationError as e:
         raise _first_error(e, data, source) from None
-    return Config(_resolve(model, source, environ), source)
+    return Config(_resolve(model, source, environ), source, model.checks, model.metrics)
 
 
 def _first_error(exc: ValidationError, data: dict, source: str) -> ConfigError:

@@ -28,49 +28,71 @@ class Deadline:
 
 
 class Watchdog:
-    """Calls `on_expiry` for guards still open at their end time; one daemon thread, lazily."""
+    """Calls `on_expiry` for guards still open at their end time; one daemon thread, lazily.
 
-    def __init__(self) -> None:
+    Cheap on the hot path: opening a guard wakes the thread only when it becomes the earliest
+    deadline, closing one never does, and the thread wakes at most every `resolution` seconds
+    (a step may overrun its budget by that much).
+    """
+
+    def __init__(self, resolution: float = 0.05) -> None:
+        self.resolution = resolution
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._cancelled: set[int] = set()
+        self._open: set[int] = set()
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._stopped = False
 
     @contextmanager
     def guard(self, seconds: float, on_expiry: Callable[[], None]) -> Iterator[None]:
+        at = time.monotonic() + seconds
         with self._cond:
             key = next(self._ids)
-            heapq.heappush(self._heap, (time.monotonic() + seconds, key, on_expiry))
+            earliest = not self._heap or at < self._heap[0][0]
+            heapq.heappush(self._heap, (at, key, on_expiry))
+            self._open.add(key)
             if self._thread is None:
+                self._stopped = False
                 self._thread = threading.Thread(target=self._run, name="step-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif earliest:
+                self._cond.notify()
         try:
             yield
         finally:
             with self._cond:
-                self._cancelled.add(key)
+                self._open.discard(key)
+
+    def stop(self) -> None:
+        """End the thread (at shutdown); a later guard starts a new one."""
+        with self._cond:
+            thread, self._thread, self._stopped = self._thread, None, True
+            self._cond.notify()
+        if thread is not None:
+            thread.join(timeout=5)
 
     def _run(self) -> None:
         while True:
+            due: list[Callable[[], None]] = []
             with self._cond:
-                while not self._heap:
-                    self._cond.wait()
-                at, key, fn = self._heap[0]
-                delay = at - time.monotonic()
-                if key in self._cancelled:
-                    heapq.heappop(self._heap)
-                    self._cancelled.discard(key)
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    _, key, fn = heapq.heappop(self._heap)
+                    if key in self._open:
+                        self._open.discard(key)
+                        due.append(fn)
+                if not due:
+                    wait = self._heap[0][0] - now if self._heap else None
+                    self._cond.wait(None if wait is None else max(wait, self.resolution))
                     continue
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                heapq.heappop(self._heap)
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - shutting down a dead socket may fail; nothing to do
-                pass
+            for fn in due:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - shutting down a dead socket may fail
+                    pass
 
 
 WATCHDOG = Watchdog()

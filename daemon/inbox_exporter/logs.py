@@ -51,3 +51,5 @@ def setup(level: str = "info", fmt: str = "logfmt", stream=sys.stderr) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # APScheduler logs every job run at INFO: one line per check is ours to write, not its.
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,111 @@
+"""The long-running exporter: config, store, checker, scheduler and metrics wired together.
+
+Reload is atomic: the new file is parsed and validated completely before anything changes;
+a bad one is logged as one line, the old config keeps running, and
+inbox_exporter_config_last_reload_successful goes to 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry
+
+from .check import Checker
+from .config import Config, ConfigError, load_config
+from .limits import ConnectionLimits
+from .metrics import ExporterMetrics, InboxMetrics, render_inbox
+from .scheduler import Scheduler
+from .status import inbox_status
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_STALE = 30.0  # /-/healthy fails when the scheduler has not ticked for this long
+
+
+class Exporter:
+    def __init__(self, config_path: str, registry: CollectorRegistry | None = None,
+                 environ: Mapping[str, str] | None = None):
+        self.config_path = config_path
+        self._environ = environ
+        self.registry = registry or CollectorRegistry()
+        self.metrics = ExporterMetrics(self.registry)
+        self.store = Store()
+        self.config: Config | None = None
+        self._reload_lock = threading.Lock()
+        config = self._load()  # raises ConfigError: a bad config at start-up is fatal
+        self.limits = ConnectionLimits(config.checks.max_connections_per_host)
+        self.checker = Checker(self.limits)
+        self.scheduler = Scheduler(self.store, self.checker, self.metrics,
+                                   workers=config.checks.concurrency,
+                                   auth_failure_max_interval=config.checks.auth_failure_max_interval)
+        self.inbox_metrics = InboxMetrics(config.metrics.expose_email)
+        self._adopt(config)
+
+    def _load(self) -> Config:
+        return load_config(self.config_path, self._environ)
+
+    def _adopt(self, config: Config) -> None:
+        self.config = config
+        self.metrics.reload_success.set(1)
+        self.metrics.reload_timestamp.set(time.time())
+
+    def start(self) -> None:
+        assert self.config is not None
+        self.scheduler.start()
+        self.scheduler.apply(self.config)
+
+    def stop(self, grace: float) -> bool:
+        return self.scheduler.stop(grace)
+
+    def reload(self) -> str | None:
+        """Re-read the config file; returns None on success, else the one-line error."""
+        with self._reload_lock:
+            try:
+                config = self._load()
+            except ConfigError as e:
+                self.metrics.reload_success.set(0)
+                log.error("config reload failed; keeping the running config",
+                          extra={"error": str(e)})
+                return str(e)
+            old = self.config
+            if old is not None and old.checks.concurrency != config.checks.concurrency:
+                log.warning("checks.concurrency changes take effect after a restart")
+            self.limits.per_host = config.checks.max_connections_per_host
+            self.scheduler.auth_failure_max_interval = config.checks.auth_failure_max_interval
+            self.inbox_metrics.expose_email = config.metrics.expose_email
+            self.scheduler.apply(config)
+            self._adopt(config)
+            log.info("config reloaded", extra={"inboxes": len(config.inboxes)})
+            return None
+
+    # --- what the HTTP endpoints show ---------------------------------------------------
+
+    def render_metrics(self) -> str:
+        return self.metrics.render() + self.inbox_metrics.render(self.store.snapshot())
+
+    def statuses(self) -> list[dict]:
+        return [inbox_status(s, self.scheduler.next_run(s.inbox.name))
+                for s in self.store.snapshot()]
+
+    def probe(self, name: str) -> str | None:
+        """Check one inbox now; its metrics as text, or None if there is no such inbox."""
+        inbox = self.scheduler.inboxes().get(name)
+        if inbox is None:
+            return None
+        self.scheduler.run_now(inbox)
+        state = self.store.get(name)
+        if state is None:
+            return None
+        chunks = render_inbox(state, self.inbox_metrics.expose_email)
+        return "".join(chunks.values())
+
+    def healthy(self) -> bool:
+        return time.monotonic() - self.scheduler.last_tick < HEARTBEAT_STALE
+
+    def ready(self) -> bool:
+        return self.config is not None

@@ -1,0 +1,134 @@
+"""The status of every inbox for people: the JSON of /api/v1/status and the HTML page at /.
+
+Everything shown comes from check results (hints, redacted details) and the non-secret parts
+of the config; the page has no external assets and works on a phone.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from datetime import datetime, timezone
+
+from .model import Status
+from .store import InboxState
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+def state_word(state: InboxState) -> str:
+    if state.last is None:
+        return "pending"
+    return "ok" if state.last.ok else "failing"
+
+
+def inbox_status(state: InboxState, next_run: float | None) -> dict:
+    last = state.last
+    first_failure = last.failures[0] if last and last.failures else None
+    return {
+        "name": state.inbox.name,
+        "provider": state.inbox.provider,
+        "imap": f"{state.inbox.imap.host}:{state.inbox.imap.port} ({state.inbox.imap.security})",
+        "smtp": f"{state.inbox.smtp.host}:{state.inbox.smtp.port} ({state.inbox.smtp.security})",
+        "state": state_word(state),
+        "ok": None if last is None else last.ok,
+        "failing_step": first_failure.step.value if first_failure else None,
+        "category": first_failure.diagnosis.category.value if first_failure else None,
+        "reason": first_failure.diagnosis.reason.value if first_failure else None,
+        "hint": first_failure.diagnosis.hint if first_failure else None,
+        "consecutive_failures": state.consecutive_failures,
+        "interval_seconds": state.interval,
+        "last_check": _iso(last.started_at) if last else None,
+        "last_check_duration_seconds": round(last.duration_seconds, 6) if last else None,
+        "last_success": _iso(state.last_success_at),
+        "next_run": _iso(next_run),
+        "steps": [s.to_json() for s in last.steps] if last else [],
+        "certificates": [
+            {"protocol": c.protocol.value, "trusted": c.trusted, "expires": _iso(c.not_after)}
+            for c in (last.certificates if last else ())],
+    }
+
+
+def render_json(statuses: list[dict]) -> str:
+    failing = sum(1 for s in statuses if s["state"] == "failing")
+    return json.dumps({"generated_at": _iso(time.time()), "inboxes_total": len(statuses),
+                       "inboxes_failing": failing, "inboxes": statuses}, indent=2)
+
+
+_CSS = """
+:root{--ok:#1a7f37;--bad:#cf222e;--wait:#6e7781;--line:#d0d7de;font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+body{margin:0;padding:1rem;color:#1f2328;background:#f6f8fa}
+h1{font-size:1.3rem;margin:0 0 .3rem}
+.summary{margin:0 0 1rem;color:#57606a}
+table{border-collapse:collapse;width:100%;background:#fff;border:1px solid var(--line)}
+th,td{text-align:left;padding:.5rem .6rem;border-bottom:1px solid var(--line);vertical-align:top}
+th{cursor:pointer;user-select:none;background:#f6f8fa;white-space:nowrap}
+th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
+.badge{display:inline-block;padding:.1rem .5rem;border-radius:1rem;color:#fff;font-weight:600;font-size:.85rem}
+.ok .badge{background:var(--ok)}.failing .badge{background:var(--bad)}.pending .badge{background:var(--wait)}
+tr.failing td:first-child{border-left:4px solid var(--bad)}tr.ok td:first-child{border-left:4px solid var(--ok)}
+code{font-size:.85rem}details{margin-top:.3rem}details table{font-size:.85rem}
+.steps td{padding:.2rem .4rem}.muted{color:#57606a}
+@media (max-width:700px){table,thead,tbody,tr,td{display:block}thead{display:none}
+ tr{margin-bottom:.7rem;border:1px solid var(--line);background:#fff}td{border:none}
+ td[data-label]::before{content:attr(data-label) ": ";font-weight:600;color:#57606a}
+ .steps tr{margin:0;border:none}}
+"""
+
+_JS = """
+document.querySelectorAll('th[data-key]').forEach(function(th){th.addEventListener('click',function(){
+ var table=th.closest('table'),body=table.tBodies[0],i=Array.prototype.indexOf.call(th.parentNode.children,th);
+ var asc=th.getAttribute('aria-sort')!=='ascending';
+ table.querySelectorAll('th').forEach(function(h){h.removeAttribute('aria-sort')});
+ th.setAttribute('aria-sort',asc?'ascending':'descending');
+ var rows=Array.prototype.slice.call(body.rows);
+ rows.sort(function(a,b){var x=a.cells[i].getAttribute('data-sort')||a.cells[i].textContent,
+  y=b.cells[i].getAttribute('data-sort')||b.cells[i].textContent;return (x<y?-1:x>y?1:0)*(asc?1:-1)});
+ rows.forEach(function(r){body.appendChild(r)});});});
+"""
+
+def _latency(step: dict) -> str:
+    return "" if step["status"] == Status.SKIPPED else f"{step['duration_seconds'] * 1000:.0f} ms"
+
+
+_RANK = {"failing": "0", "pending": "1", "ok": "2"}
+
+
+def render_html(statuses: list[dict]) -> str:
+    e = html.escape
+    failing = sum(1 for s in statuses if s["state"] == "failing")
+    rows = []
+    for s in sorted(statuses, key=lambda s: (_RANK[s["state"]], s["name"])):
+        why = f"{s['category']} / {s['reason']}" if s["category"] else ""
+        steps = "".join(
+            f"<tr><td>{e(st['step'])}</td><td>{e(st['status'])}</td><td>{_latency(st)}</td>"
+            f"<td>{e(st['detail'] or '')}</td></tr>" for st in s["steps"])
+        details = (f"<details><summary>steps</summary><table class=steps>{steps}</table></details>"
+                   if steps else "")
+        rows.append(
+            f"<tr class={s['state']} data-inbox=\"{e(s['name'])}\">"
+            f"<td data-label=Inbox><strong>{e(s['name'])}</strong><br>"
+            f"<span class=muted>{e(s['provider'])}</span></td>"
+            f"<td data-label=Status data-sort={_RANK[s['state']]}><span class=badge>{e(s['state'])}</span></td>"
+            f"<td data-label=\"Failing step\">{e(s['failing_step'] or '')}</td>"
+            f"<td data-label=Why><code>{e(why)}</code></td>"
+            f"<td data-label=Hint>{e(s['hint'] or '')}{details}</td>"
+            f"<td data-label=\"Last success\" data-sort=\"{e(s['last_success'] or '')}\">"
+            f"{e(s['last_success'] or 'never')}</td>"
+            f"<td data-label=\"Last check\">{e(s['last_check'] or 'not yet')}</td></tr>")
+    head = "".join(f"<th data-key={k}>{label}</th>" for k, label in (
+        ("name", "Inbox"), ("state", "Status"), ("step", "Failing step"), ("why", "Why"),
+        ("hint", "Hint"), ("success", "Last success"), ("check", "Last check")))
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content=\"width=device-width,initial-scale=1\">"
+        "<meta http-equiv=refresh content=30><title>inbox-exporter</title>"
+        f"<style>{_CSS}</style></head><body><h1>Connected inboxes</h1>"
+        f"<p class=summary id=summary>{len(statuses) - failing} of {len(statuses)} OK"
+        f"{f', {failing} failing' if failing else ''} · "
+        "<a href=/metrics>metrics</a> · <a href=/api/v1/status>JSON</a></p>"
+        f"<table id=inboxes><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<script>{_JS}</script></body></html>")
