@@ -22,7 +22,7 @@ def invalid_cases():
         yield pytest.param(path, first.removeprefix("# error: "), id=path.stem)
 
 
-@pytest.mark.parametrize("path,expected", invalid_cases())
+@pytest.mark.parametrize("path,expected", list(invalid_cases()))
 def test_an_invalid_config_is_one_line_naming_the_path(path, expected):
     with pytest.raises(ConfigError) as e:
         cfg.load_config(str(path), environ=ENV)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LabError
-from .util import ENV_MARKER, is_alive, new_lines_matching, tail_file, terminate_tree, write_file
+from .util import (ENV_MARKER, is_alive, new_lines_matching, tail_file, tail_since,
+                   terminate_tree, write_file)
 
 DOVECOT = "/usr/sbin/dovecot"
 
@@ -228,7 +229,7 @@ class DovecotInstance:
     def log_excerpt(self, lines: int = 30) -> str:
         parts = []
         for p in (self.stderr_path, self.log_path):
-            t = tail_file(p, lines)
+            t = tail_since(p, self._log_offset, lines) if p == self.log_path else tail_file(p, lines)
             if t.strip():
                 parts.append(f"--- {p} (tail) ---\n{t}")
         return "\n".join(parts) or f"(no output in {self.log_path})"

@@ -402,8 +402,12 @@ class MailLab:
                         ctx.wrap_socket(raw, server_hostname="localhost") as tls:
                     der = tls.getpeercert(binary_form=True)
             except OSError as e:
-                raise LabError(f"TLS handshake on {name} (port {port}) failed: {e}\n"
-                               + self._all_log_excerpts()) from None
+                if name.startswith("smtps"):
+                    log = self._postfix.log_excerpt() if self._postfix else ""
+                else:
+                    inst = name.split("_", 1)[1] if "_" in name else "main"
+                    log = self._dovecots[inst].log_excerpt()
+                raise LabError(f"TLS handshake on {name} (port {port}) failed: {e}\n{log}") from None
             if der != pems[kind]:
                 raise LabError(f"{name} (port {port}) does not serve the {kind} certificate")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LabError
-from .util import (ENV_MARKER, is_alive, new_lines_matching, run_tty, subreaper, tail_file,
+from .util import (ENV_MARKER, is_alive, new_lines_matching, run_tty, subreaper, tail_since,
                    terminate_tree, write_file)
 
 POSTFIX = "/usr/sbin/postfix"
@@ -261,7 +261,7 @@ delay_warning_time = 0h
         return None
 
     def log_excerpt(self, lines: int = 30) -> str:
-        t = tail_file(self.log_path, lines)
+        t = tail_since(self.log_path, self._log_offset, lines)
         return f"--- {self.log_path} (tail) ---\n{t}" if t.strip() else f"(no output in {self.log_path})"
 
     def stop(self, timeout: float = 5.0) -> list[int]:

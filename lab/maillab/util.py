@@ -43,6 +43,22 @@ def tail_file(path: Path, lines: int = 50) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def tail_since(path: Path, offset: int, lines: int = 30) -> str:
+    """Last `lines` lines written to `path` after byte `offset` (what this
+    run logged), or the plain tail if nothing was written since."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size <= offset:
+                return tail_file(path, lines)
+            f.seek(max(offset, size - (1 << 20)))
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def new_lines_matching(path: Path, offset: int, needles: tuple[str, ...]) -> str | None:
     """First line written to `path` after byte `offset` containing one of
     `needles` (None if there is none)."""
@@ -391,7 +407,7 @@ def _snapshot() -> dict[int, tuple[bytes, bytes, int]]:
 
 def terminate_tree(root_pids: Iterable[int], extra: Iterable[int] = (), *,
                    popens: Iterable[subprocess.Popen] = (), timeout: float = 5.0,
-                   zombie_grace: float = 3.0, orphaned_root_grace: float = 0.15) -> list[int]:
+                   zombie_grace: float = 3.0, orphaned_root_grace: float = 0.05) -> list[int]:
     """Stop the given processes and all their descendants; return the pids
     still running afterwards (normally none).
 
@@ -449,21 +465,22 @@ def terminate_tree(root_pids: Iterable[int], extra: Iterable[int] = (), *,
             return [p for p in pids if live(snap, p)]
 
         deadline = time.monotonic() + timeout
+        killed_at: float | None = None
         while True:
             left = step(_snapshot())
             if not left:
                 break
+            now = time.monotonic()
             if all(p in roots for p in left):
                 if not kids_gone_at:
-                    kids_gone_at.append(time.monotonic())
-                elif time.monotonic() - kids_gone_at[0] > orphaned_root_grace:
+                    kids_gone_at.append(now)
+                elif now - kids_gone_at[0] > orphaned_root_grace:
                     signal_all(left, signal.SIGKILL)
-            if time.monotonic() >= deadline:
+            if killed_at is None and now >= deadline:
                 signal_all(left, signal.SIGKILL)
-                deadline = float("inf")
-                kill_deadline = time.monotonic() + 2.0
-            elif deadline == float("inf") and time.monotonic() >= kill_deadline:
-                break
+                killed_at = now
+            elif killed_at is not None and now - killed_at > 2.0:
+                break          # unkillable (D state?): report them
             time.sleep(0.005)
         # exited is not gone: wait (bounded) until they are reaped
         grace = time.monotonic() + zombie_grace
