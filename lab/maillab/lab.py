@@ -180,8 +180,8 @@ class MailLab:
             return self
         t0 = time.monotonic()
         _preflight()
-        self._prepare_workdir()
         try:
+            self._prepare_workdir()
             if self.tls is None or not self.tls.exists():
                 t = time.monotonic()
                 self.tls = _tls.generate(self.workdir / "tls", self.id)
@@ -670,7 +670,7 @@ def _preflight() -> None:
         missing.append("openssl")
     if missing:
         raise LabError("missing packages: " + " ".join(missing) +
-                       " (see lab/install-deps.sh)")
+                       " (scripts/setup installs them)")
 
 
 # ---------------------------------------------------------------- iptables

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import imaplib
 import logging
-import ssl
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from .. import errors
 from ..config import Inbox
-from ..model import CertificateInfo, Phase, Protocol
-from .transport import Connection, certificate_info, context_for, open_socket, untrusted_certificate
+from ..model import Phase, Protocol
+from .base import Probe
 
 # IMAPClient logs every command at DEBUG, LOGIN included: never let that reach a handler.
 logging.getLogger("imapclient").setLevel(logging.WARNING)
@@ -43,49 +42,32 @@ class _Client(IMAPClient):
         return _IMAP4(self._open_fn, self.host, self.port)
 
 
-class ImapProbe:
+class ImapProbe(Probe):
     protocol = Protocol.IMAP
 
     def __init__(self, inbox: Inbox):
-        self.inbox = inbox
-        self.conn = Connection()
+        super().__init__(inbox, inbox.imap)
         self.client: _Client | None = None
-        self.certificate: CertificateInfo | None = None
-        self._tls = context_for(inbox.ca_file, inbox.allow_insecure_certificate)
-        self._encrypted = False
 
     def connect(self, timeout: float) -> None:
-        ep = self.inbox.imap
-        implicit = ep.security == "ssl"
-
-        def open_fn():
-            return open_socket(self.conn, ep.host, ep.port, timeout, self.inbox.source_address,
-                               self._tls if implicit else None)
-
-        try:
-            self.client = _Client(open_fn, ep.host, ep.port, implicit, timeout)
-        except ssl.SSLCertVerificationError:
-            self.certificate = untrusted_certificate(self.protocol)
-            raise
-        except imaplib.IMAP4.error as e:
-            if "unexpected response" in str(e):
-                raise errors.UnexpectedReply(f"not an IMAP greeting: {e}") from e
-            raise
-        if implicit:
-            self._encrypted = True
-            self.certificate = certificate_info(self.client.socket(), self.protocol)
-        if ep.security == "starttls":
+        ep = self.endpoint
+        with self.handshake():
+            try:
+                self.client = _Client(self.opener(timeout), ep.host, ep.port, ep.security == "ssl",
+                                      timeout)
+            except imaplib.IMAP4.error as e:
+                if "unexpected response" in str(e):
+                    raise errors.UnexpectedReply(f"not an IMAP greeting: {e}") from e
+                raise
+        if ep.security == "ssl":
+            self.secured(self.client.socket())
+        elif ep.security == "starttls":
             self.conn.phase = Phase.STARTTLS
             if not self.client.has_capability("STARTTLS"):
                 raise errors.StartTLSUnavailable("the server does not offer STARTTLS on this port")
-            try:
-                self.client.starttls(self._tls)
-            except ssl.SSLCertVerificationError:
-                self.certificate = untrusted_certificate(self.protocol)
-                raise
-            self.conn.sock = self.client.socket()
-            self._encrypted = True
-            self.certificate = certificate_info(self.client.socket(), self.protocol)
+            with self.handshake():
+                self.client.starttls(self.tls)
+            self.secured(self.client.socket())
         self.conn.phase = Phase.COMMAND
 
     def login(self, timeout: float) -> None:
@@ -95,7 +77,7 @@ class ImapProbe:
         password = self.inbox.password.get_secret_value()
         if b"LOGINDISABLED" in caps:
             # RFC 3501 6.2.3: the client MUST NOT send LOGIN then; don't leak the password.
-            if not self._encrypted:
+            if not self.encrypted:
                 raise errors.PlaintextLoginRefused(
                     "the server advertises LOGINDISABLED: no password over an unencrypted connection")
             if b"AUTH=PLAIN" not in caps:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import functools
 import smtplib
 import socket
-import ssl
 from email.header import Header
 from email.utils import formatdate
 
 from .. import errors
 from ..config import Inbox
-from ..model import CertificateInfo, Phase, Protocol
-from .transport import Connection, certificate_info, context_for, open_socket, untrusted_certificate
+from ..model import Phase, Protocol
+from .base import Probe
 
 CLOSE_TIMEOUT = 2.0
 PROBE_HEADER = "X-Inbox-Exporter-Probe"
@@ -64,55 +63,35 @@ def probe_message(inbox: Inbox, probe_id: str, date: str | None = None) -> bytes
     return ("\r\n".join(headers) + "\r\n\r\n" + "\r\n".join(body) + "\r\n").encode("ascii")
 
 
-class SmtpProbe:
+class SmtpProbe(Probe):
     protocol = Protocol.SMTP
 
     def __init__(self, inbox: Inbox, probe_id: str):
-        self.inbox = inbox
+        super().__init__(inbox, inbox.smtp)
         self.probe_id = probe_id
-        self.conn = Connection()
         self.smtp: _SMTP | None = None
-        self.certificate: CertificateInfo | None = None
-        self._tls = context_for(inbox.ca_file, inbox.allow_insecure_certificate)
-        self._encrypted = False
-        self.accepted_at: float | None = None
 
     def connect(self, timeout: float) -> None:
-        ep = self.inbox.smtp
-        implicit = ep.security == "ssl"
-
-        def open_fn():
-            return open_socket(self.conn, ep.host, ep.port, timeout, self.inbox.source_address,
-                               self._tls if implicit else None)
-
-        smtp = self.smtp = _SMTP(open_fn, timeout)
+        ep = self.endpoint
+        smtp = self.smtp = _SMTP(self.opener(timeout), timeout)
         smtp._host = ep.host  # starttls() checks the certificate against this name
-        try:
+        with self.handshake():
             code, greeting = smtp.connect(ep.host, ep.port)
-        except ssl.SSLCertVerificationError:
-            self.certificate = untrusted_certificate(self.protocol)
-            raise
         if code == -1:  # smtplib's word for "no three-digit code"
             raise errors.UnexpectedReply(f"not an SMTP greeting: {greeting!r}")
         if code != 220:
             raise smtplib.SMTPConnectError(code, greeting)
-        if implicit:
-            self._encrypted = True
-            self.certificate = certificate_info(smtp.sock, self.protocol)
+        if ep.security == "ssl":
+            self.secured(smtp.sock)
         self.conn.phase = Phase.COMMAND
         self._ehlo()
         if ep.security == "starttls":
             self.conn.phase = Phase.STARTTLS
             if not smtp.has_extn("starttls"):
                 raise errors.StartTLSUnavailable("the server does not offer STARTTLS on this port")
-            try:
-                smtp.starttls(context=self._tls)
-            except ssl.SSLCertVerificationError:
-                self.certificate = untrusted_certificate(self.protocol)
-                raise
-            self.conn.sock = smtp.sock
-            self._encrypted = True
-            self.certificate = certificate_info(smtp.sock, self.protocol)
+            with self.handshake():
+                smtp.starttls(context=self.tls)
+            self.secured(smtp.sock)
             self.conn.phase = Phase.COMMAND
             self._ehlo()
 
@@ -125,7 +104,7 @@ class SmtpProbe:
     def login(self, timeout: float) -> None:
         smtp = self._ready(timeout)
         if not smtp.has_extn("auth"):
-            if not self._encrypted:
+            if not self.encrypted:
                 raise errors.PlaintextLoginRefused(
                     "the server offers no AUTH on this unencrypted connection")
             raise errors.AuthUnavailable("the server advertises no AUTH mechanism")
