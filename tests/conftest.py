@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -36,6 +37,31 @@ def make_inbox(**overrides) -> Inbox:
 @pytest.fixture
 def inbox_factory():
     return make_inbox
+
+
+def write_config(tmp_path: Path, lab, inboxes: list[dict], **top) -> Path:
+    """A config file for inboxes on the lab (see lab_entry), trusting the lab's CA."""
+    path = tmp_path / "config.yaml"
+    config = {"defaults": {"timeout": "3s", "ca_file": str(lab.ca_file),
+                           "test_email": {"to": lab.users["bcc"].address}},
+              "inboxes": inboxes, **top}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def lab_entry(lab, name: str, user: str = "alice", **extra) -> dict:
+    """A config entry for a lab user on the good endpoints; its password comes from PW_<NAME>."""
+    u = lab.users[user]
+    entry = {"name": name, "email": u.address, "password_env": env_name(name),
+             "imap": {"host": lab.host, "port": lab.ports.imaps, "security": "ssl"},
+             "smtp": {"host": lab.host, "port": lab.ports.submission, "security": "starttls"}}
+    for key, value in extra.items():
+        entry[key] = {**entry[key], **value} if isinstance(value, dict) and key in entry else value
+    return entry
+
+
+def env_name(inbox_name: str) -> str:
+    return "PW_" + inbox_name.upper().replace("-", "_").replace(".", "_")
 
 
 @pytest.fixture(scope="session")

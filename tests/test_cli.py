@@ -16,7 +16,7 @@ from inbox_exporter import check as check_module
 from inbox_exporter.check import Checker
 from inbox_exporter.model import ALL_STEPS
 
-from .conftest import PASSWORD
+from .conftest import PASSWORD, lab_entry, write_config
 
 ROOT = Path(__file__).parent.parent
 
@@ -25,23 +25,6 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     environ = {**os.environ, "PYTHONPATH": str(ROOT / "daemon"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "inbox_exporter", *args], capture_output=True,
                           text=True, env=environ, timeout=120)
-
-
-def write_config(tmp_path: Path, lab, inboxes: list[dict]) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "defaults": {"timeout": "3s", "ca_file": str(lab.ca_file),
-                     "test_email": {"to": lab.users["bcc"].address}},
-        "inboxes": inboxes}))
-    return path
-
-
-def lab_entry(lab, name: str, user: str = "alice", **extra) -> dict:
-    u = lab.users[user]
-    return {"name": name, "email": u.address, "password_env": "PW_" + name.upper(),
-            "imap": {"host": lab.host, "port": lab.ports.imaps, "security": "ssl"},
-            "smtp": {"host": lab.host, "port": lab.ports.submission, "security": "starttls"},
-            **extra}
 
 
 @pytest.fixture

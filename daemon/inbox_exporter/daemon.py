@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from .check import Checker
 from .config import Config, ConfigError, load_config
+from .deadline import WATCHDOG
 from .limits import ConnectionLimits
 from .metrics import ExporterMetrics, InboxMetrics, render_inbox
 from .scheduler import Scheduler
@@ -60,7 +61,9 @@ class Exporter:
         self.scheduler.apply(self.config)
 
     def stop(self, grace: float) -> bool:
-        return self.scheduler.stop(grace)
+        clean = self.scheduler.stop(grace)
+        WATCHDOG.stop()
+        return clean
 
     def reload(self) -> str | None:
         """Re-read the config file; returns None on success, else the one-line error."""

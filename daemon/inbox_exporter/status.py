@@ -19,6 +19,11 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
+def _human(iso: str | None) -> str | None:
+    """'2026-11-27T05:36:37+00:00' -> '2026-11-27 05:36:37 UTC' for the page."""
+    return None if iso is None else iso.replace("T", " ").replace("+00:00", " UTC")
+
+
 def state_word(state: InboxState) -> str:
     if state.last is None:
         return "pending"
@@ -117,8 +122,8 @@ def render_html(statuses: list[dict]) -> str:
             f"<td data-label=Why><code>{e(why)}</code></td>"
             f"<td data-label=Hint>{e(s['hint'] or '')}{details}</td>"
             f"<td data-label=\"Last success\" data-sort=\"{e(s['last_success'] or '')}\">"
-            f"{e(s['last_success'] or 'never')}</td>"
-            f"<td data-label=\"Last check\">{e(s['last_check'] or 'not yet')}</td></tr>")
+            f"{e(_human(s['last_success']) or 'never')}</td>"
+            f"<td data-label=\"Last check\">{e(_human(s['last_check']) or 'not yet')}</td></tr>")
     head = "".join(f"<th data-key={k}>{label}</th>" for k, label in (
         ("name", "Inbox"), ("state", "Status"), ("step", "Failing step"), ("why", "Why"),
         ("hint", "Hint"), ("success", "Last success"), ("check", "Last check")))
