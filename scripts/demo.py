@@ -1,12 +1,18 @@
-"""Start the mail lab, write a demo config with healthy and broken inboxes, and check them."""
+"""The demo: the mail lab (real Dovecot + Postfix on 127.0.0.1) and `inbox-exporter run`
+checking six inboxes, some broken on purpose. Runs until Ctrl-C (or --duration)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -16,10 +22,15 @@ sys.path.insert(0, str(ROOT / "lab"))
 
 from maillab import MailLab  # noqa: E402
 
+PORT = 9857  # the exporter's default port
 
-def closed_port() -> int:
+
+def free_port(preferred: int | None = None) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", preferred or 0))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
@@ -31,38 +42,74 @@ def demo_config(lab: MailLab) -> tuple[dict, dict[str, str]]:
                  "smtp": {"host": lab.host, "port": lab.ports.submission, "security": "starttls"}}
         for key, value in extra.items():
             entry[key] = {**entry[key], **value} if isinstance(value, dict) and key in entry else value
-        return entry
+        return entry, u.password
 
     inboxes = [
         inbox("sales"),
         inbox("support", "bob", imap={"port": lab.ports.imap, "security": "starttls"},
               smtp={"port": lab.ports.smtps, "security": "ssl"}),
-        inbox("billing", "bob"),                       # wrong password (set below)
-        inbox("marketing", "appuser"),                 # server demands an app password
-        inbox("legacy", imap={"port": closed_port()}),  # nothing listens on the IMAP port
+        inbox("billing", "bob"),                         # wrong password (below)
+        inbox("marketing", "appuser"),                   # the server demands an app password
+        inbox("legacy", imap={"port": free_port()}),     # nothing listens on the IMAP port
         inbox("selfhosted", imap={"port": lab.ports.imaps_selfsigned},
               smtp={"port": lab.ports.smtps_selfsigned, "security": "ssl"}),  # untrusted cert
     ]
-    env = {f"DEMO_{i['name'].upper()}_PASSWORD": lab.users[u].password
-           for i, u in zip(inboxes, ["alice", "bob", "bob", "appuser", "alice", "alice"])}
+    env = {entry["password_env"]: password for entry, password in inboxes}
     env["DEMO_BILLING_PASSWORD"] = "not-the-password"
     config = {"defaults": {"interval": "30s", "timeout": "5s", "ca_file": str(lab.ca_file),
                            "test_email": {"to": lab.users["bcc"].address}},
-              "inboxes": inboxes}
+              "inboxes": [entry for entry, _ in inboxes]}
     return config, env
 
 
+def first_checks(url: str, names: list[str], timeout: float = 30) -> list[dict]:
+    """Wait for the daemon, then check every inbox at once through /probe (the scheduler
+    spreads first runs over the interval; a demo should not make you wait for that)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/-/ready", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.2)
+    for name in names:
+        urllib.request.urlopen(f"{url}/probe?inbox={name}", timeout=timeout).read()
+    return json.load(urllib.request.urlopen(url + "/api/v1/status", timeout=5))["inboxes"]
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--duration", type=float, default=None,
+                    help="stop after this many seconds (default: run until Ctrl-C)")
+    args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="inbox-exporter-demo-"))
     with MailLab(workdir / "lab") as lab:
         config, env = demo_config(lab)
         path = workdir / "config.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        print(f"Mail lab running (Dovecot + Postfix on {lab.host}); demo config: {path}\n")
-        cmd = [sys.executable, "-m", "inbox_exporter", "check", "--config.file", str(path)]
-        return subprocess.run(cmd, env={**os.environ, **env}).returncode
+        port = free_port(PORT)
+        url = f"http://127.0.0.1:{port}"
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "inbox_exporter", "run", "--config.file", str(path),
+             "--web.listen-address", f"127.0.0.1:{port}"], env={**os.environ, **env})
+        try:
+            print(f"\nMail lab: Dovecot + Postfix on {lab.host}; config: {path}")
+            print(f"Status page: {url}/\nMetrics:     {url}/metrics\nStatus JSON: {url}/api/v1/status\n")
+            for i in first_checks(url, [e["name"] for e in config["inboxes"]]):
+                why = f"{i['failing_step']}: {i['category']} / {i['reason']}" if i["category"] else ""
+                print(f"  {i['name']:<11} {i['state']:<8} {why}")
+            print("\nChecks repeat every 30 s. Ctrl-C stops the demo.", flush=True)
+            deadline = None if args.duration is None else time.monotonic() + args.duration
+            while daemon.poll() is None and (deadline is None or time.monotonic() < deadline):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if daemon.poll() is None:
+                daemon.send_signal(signal.SIGTERM)
+                daemon.wait(timeout=30)
+    return 0 if daemon.returncode in (0, -signal.SIGTERM) else 1
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(main())

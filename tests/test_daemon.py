@@ -418,3 +418,16 @@ def test_the_status_page_shows_a_person_each_failure_and_its_hint(daemon, lab, t
     shot = tmp_path / "phone.png"
     out = chromium("--window-size=390,844", f"--screenshot={shot}", running.url + "/")
     assert out.returncode == 0 and shot.stat().st_size > 5000, out.stderr
+
+
+def test_the_readme_demo_starts_and_shows_healthy_and_broken_inboxes():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--duration", "1"],
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "daemon")},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Status page: http://127.0.0.1:" in out.stdout
+    lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  ")}
+    assert "ok" in lines["sales"] and "ok" in lines["support"]
+    assert "unauthorized" in lines["billing"] and "connection_refused" in lines["legacy"]
+    assert "app_password_required" in lines["marketing"]
+    assert "certificate_untrusted" in lines["selfhosted"]
