@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 
 CUT = object()
+SILENT = object()  # keep the connection open and say nothing more
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,6 @@ class Trickle:
     text: str
     every: float = 0.2
 
-SILENT = object()  # keep the connection open and say nothing more
-
 
 @dataclass
 class FakeServer:
@@ -34,6 +33,7 @@ class FakeServer:
     host: str = "127.0.0.1"
     port: int = 0
     transcripts: list[list[str]] = field(default_factory=list)
+    echo: bool = False  # replace {line} in replies with the client's line (a careless server)
 
     def __post_init__(self) -> None:
         self._sock = socket.socket()
@@ -81,7 +81,7 @@ class FakeServer:
         conn.settimeout(30)
         try:
             for expect, send in self.script:
-                tag = ""
+                tag, line = "", ""
                 if expect is not None:
                     line = reader.readline().decode("utf-8", "replace").rstrip("\r\n")
                     transcript.append(line)
@@ -101,7 +101,10 @@ class FakeServer:
                         conn.sendall(ch.encode())
                     break
                 if send is not None:
-                    conn.sendall(str(send).replace("{tag}", tag).encode())
+                    reply = str(send).replace("{tag}", tag)
+                    if self.echo:
+                        reply = reply.replace("{line}", line)
+                    conn.sendall(reply.encode())
             else:
                 # Script done: answer LOGOUT/QUIT politely if asked, then close.
                 line = reader.readline().decode("utf-8", "replace").rstrip("\r\n")
@@ -123,12 +126,3 @@ IMAP_GREETING = "* OK fake ready\r\n"
 IMAP_CAPABILITY = (r"CAPABILITY", "* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n{tag} OK done\r\n")
 SMTP_GREETING = "220 fake.example.test ESMTP\r\n"
 SMTP_EHLO = "250-fake.example.test\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n"
-
-
-def imap_login_refused(reply: str) -> list:
-    """Greets, answers LOGIN with `reply` (a tagged line without the tag)."""
-    return [(None, IMAP_GREETING), IMAP_CAPABILITY, (r"LOGIN", "{tag} " + reply + "\r\n")]
-
-
-def smtp_auth_refused(reply: str) -> list:
-    return [(None, SMTP_GREETING), (r"^EHLO", SMTP_EHLO), (r"^AUTH", reply + "\r\n")]

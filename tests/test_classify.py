@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 from inbox_exporter import classify as cl
 from inbox_exporter.check import Checker
 from inbox_exporter.model import Category, Phase, Reason, Status, Step
+from inbox_exporter.redact import one_line, sasl_plain
 
 from .conftest import make_inbox
 from .fakeserver import (CUT, Trickle, IMAP_CAPABILITY, IMAP_GREETING, SILENT, SMTP_EHLO, SMTP_GREETING,
@@ -144,11 +146,31 @@ def test_a_server_trickling_bytes_cannot_stretch_a_step_past_its_timeout():
     assert 0.9 < step.duration_seconds < 1.5
 
 
-def test_a_detail_never_shows_the_password():
-    from inbox_exporter.redact import one_line
-    import base64
-    secret = "Pw-never-shown-7f3a9c"
-    text = f"NO b'login {secret} failed' {base64.b64encode(secret.encode()).decode()}"
-    out = one_line(text, [secret])
-    assert secret not in out and base64.b64encode(secret.encode()).decode() not in out
-    assert out.count("<redacted>") == 2
+SECRET = 'Pw"never\\shown-7f3a9c'  # quotes and backslashes: IMAP quoting changes them
+
+
+@pytest.mark.parametrize("reply", [
+    f"NO [AUTHENTICATIONFAILED] Invalid credentials for {SECRET}",
+    "500 5.5.2 Error: command not recognized: AUTH PLAIN " + sasl_plain("alice@example.test", SECRET),
+    "535 5.7.8 Error: authentication failed: " + base64.b64encode(SECRET.encode()).decode(),
+    'BAD Error in IMAP command LOGIN: alice "' + SECRET.replace("\\", "\\\\").replace('"', '\\"') + '"',
+    f"b'NO login {SECRET!r} refused'",
+])
+def test_a_detail_never_shows_the_password_in_any_form_a_server_may_echo(reply):
+    out = one_line(reply, [SECRET, sasl_plain("alice@example.test", SECRET)])
+    assert "<redacted>" in out
+    assert "never" not in out and "7f3a9c" not in out
+
+
+def test_connections_end_with_logout_and_quit_even_after_a_failure():
+    imap_script = [(None, IMAP_GREETING), IMAP_CAPABILITY,
+                   (r"LOGIN", "{tag} NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)\r\n")]
+    smtp_script = [(None, SMTP_GREETING), (r"^EHLO", SMTP_EHLO),
+                   (r"^AUTH", "535 5.7.8 Error: authentication failed\r\n")]
+    with FakeServer(imap_script) as imap, FakeServer(smtp_script) as smtp:
+        # The server records a line before it answers it: once LOGOUT/QUIT were answered,
+        # the transcripts hold them.
+        result = Checker().check(make_inbox(imap={"port": imap.port}, smtp={"port": smtp.port}))
+    assert len(result.failures) == 2
+    assert imap.transcripts[0][-1].split()[1].upper() == "LOGOUT"
+    assert smtp.transcripts[0][-1].upper() == "QUIT"

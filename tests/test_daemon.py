@@ -431,3 +431,14 @@ def test_the_readme_demo_starts_and_shows_healthy_and_broken_inboxes():
     assert "unauthorized" in lines["billing"] and "connection_refused" in lines["legacy"]
     assert "app_password_required" in lines["marketing"]
     assert "certificate_untrusted" in lines["selfhosted"]
+
+
+def test_every_exported_metric_is_documented(daemon, lab):
+    running = daemon([{**lab_entry(lab, "doc"), "interval": "1h"}])
+    running.get("/probe?inbox=doc")
+    docs = (ROOT / "docs" / "metrics.md").read_text()
+    names = {f.name for f in text_string_to_metric_families(running.get("/metrics"))}
+    assert len(names) > 20
+    for name in names:
+        # the parser strips _total from counters and _info from info metrics
+        assert f"`{name}`" in docs or f"`{name}_total`" in docs or f"`{name}_info`" in docs, name

@@ -18,13 +18,13 @@ from .classify import Context, classify
 from .config import Inbox
 from .deadline import WATCHDOG, Deadline, Watchdog
 from .limits import ConnectionLimits
-from .model import CheckResult, Status, Step, StepResult
+from .model import CheckResult, Diagnosis, Phase, Status, Step, StepResult
+from .probes.base import CLOSE_TIMEOUT, Probe
 from .probes.imap import ImapProbe
 from .probes.smtp import SmtpProbe
 
 log = logging.getLogger(__name__)
 
-DEADLINE_NOTE = "not run: the check's deadline was exhausted"
 
 
 class Checker:
@@ -43,7 +43,7 @@ class Checker:
         steps: list[StepResult] = []
 
         imap = ImapProbe(inbox)
-        steps += self._guarded(inbox, imap, inbox.imap.host, deadline, (
+        steps += self._guarded(inbox, imap, deadline, (
             (Step.IMAP_CONNECT, imap.connect),
             (Step.IMAP_LOGIN, imap.login),
             (Step.IMAP_VALIDATE, imap.validate),
@@ -53,7 +53,7 @@ class Checker:
             (Step.SMTP_CONNECT, smtp.connect), (Step.SMTP_LOGIN, smtp.login)]
         if inbox.test_email_to:
             smtp_steps.append((Step.TEST_EMAIL, smtp.send_test_email))
-        steps += self._guarded(inbox, smtp, inbox.smtp.host, deadline, smtp_steps)
+        steps += self._guarded(inbox, smtp, deadline, smtp_steps)
         if not inbox.test_email_to:
             steps.append(StepResult(Step.TEST_EMAIL, Status.SKIPPED,
                                     note="disabled: no test_email.to configured"))
@@ -63,38 +63,46 @@ class Checker:
                            duration_seconds=self.clock() - t0, steps=tuple(steps),
                            probe_id=probe_id, certificates=tuple(certificates))
 
-    def _guarded(self, inbox: Inbox, probe: ImapProbe | SmtpProbe, host: str,
-                 deadline: Deadline, chain: Sequence[tuple[Step, Callable[[float], None]]]
-                 ) -> list[StepResult]:
-        """One chain on one connection, within the connection caps; always closed."""
-        with self.limits.slot(probe.protocol.value, host, inbox.username,
+    def _guarded(self, inbox: Inbox, probe: Probe, deadline: Deadline,
+                 chain: Sequence[tuple[Step, Callable[[float], None]]]) -> list[StepResult]:
+        """One chain on one connection, within the connection caps; always closed, and the
+        close is bounded too (a server may trickle its LOGOUT reply)."""
+        with self.limits.slot(probe.protocol.value, probe.endpoint.host, inbox.username,
                               deadline.remaining()) as granted:
             if not granted:
-                note = "not run: no connection slot free before the deadline (connection caps)"
-                return [StepResult(step, Status.SKIPPED, note=note) for step, _ in chain]
+                return self._not_run(inbox, probe, chain, errors.StepTimeout(
+                    "no connection slot was free before the check's deadline (connection caps)"))
             try:
                 return self._chain(inbox, probe, deadline, chain)
             finally:
-                probe.close()
+                with self.watchdog.guard(CLOSE_TIMEOUT, probe.conn.abort):
+                    probe.close()
 
-    def _chain(self, inbox: Inbox, probe: ImapProbe | SmtpProbe, deadline: Deadline,
+    def _chain(self, inbox: Inbox, probe: Probe, deadline: Deadline,
                chain: Sequence[tuple[Step, Callable[[float], None]]]) -> list[StepResult]:
         results: list[StepResult] = []
-        broken: str | None = None
-        for step, run in chain:
+        for n, (step, run) in enumerate(chain):
             budget = min(inbox.timeout, deadline.remaining())
-            if broken is None and budget <= 0:
-                broken = DEADLINE_NOTE
-            if broken is not None:
-                results.append(StepResult(step, Status.SKIPPED, note=broken))
-                continue
+            if budget <= 0:
+                # Not verified is not a success: the rest of the chain fails as a timeout.
+                return results + self._not_run(inbox, probe, chain[n:], errors.StepTimeout(
+                    f"not run: the check's deadline ({inbox.deadline:g}s) was exhausted"))
             result = self._step(inbox, probe, step, run, budget)
             results.append(result)
             if result.status is Status.FAILED:
-                broken = f"not run: {step.value} failed"
+                note = f"not run: {step.value} failed"
+                return results + [StepResult(s, Status.SKIPPED, note=note) for s, _ in chain[n + 1:]]
         return results
 
-    def _step(self, inbox: Inbox, probe: ImapProbe | SmtpProbe, step: Step,
+    def _not_run(self, inbox: Inbox, probe: Probe,
+                 chain: Sequence[tuple[Step, Callable[[float], None]]],
+                 why: Exception) -> list[StepResult]:
+        first = StepResult(chain[0][0], Status.FAILED, 0.0,
+                           self._diagnose(inbox, probe, chain[0][0], why, Phase.COMMAND))
+        note = f"not run: {chain[0][0].value} failed"
+        return [first] + [StepResult(s, Status.SKIPPED, note=note) for s, _ in chain[1:]]
+
+    def _step(self, inbox: Inbox, probe: Probe, step: Step,
               run: Callable[[float], None], budget: float) -> StepResult:
         t0 = self.clock()
         try:
@@ -103,18 +111,22 @@ class Checker:
             return StepResult(step, Status.OK, self.clock() - t0)
         except Exception as e:  # noqa: BLE001 - a probe reports; only our bugs should escape
             elapsed = self.clock() - t0
-            if isinstance(e, TimeoutError) or elapsed >= budget * 0.98:
+            if isinstance(e, TimeoutError) or probe.conn.aborted:
                 # A socket timeout, or the watchdog cut the socket: what the library raised
                 # then is a symptom. Say what happened, keep the original as the cause.
                 timeout = errors.StepTimeout(
-                    f"timed out after {budget:.1f}s (during {probe.conn.phase.value})")
+                    f"timed out after {budget:g}s (during {probe.conn.phase.value})")
                 timeout.__cause__ = e
                 e = timeout
-            endpoint = inbox.imap if step.protocol.value == "imap" else inbox.smtp
-            ctx = Context(endpoint.host, endpoint.port, endpoint.security, inbox.provider)
-            diagnosis = classify(step, e, probe.conn.phase, ctx, inbox.secrets())
-            log.warning("step failed", extra={"inbox": inbox.name, "step": step.value,
-                                               "category": diagnosis.category.value,
-                                               "reason": diagnosis.reason.value,
-                                               "detail": diagnosis.detail})
-            return StepResult(step, Status.FAILED, elapsed, diagnosis)
+            return StepResult(step, Status.FAILED, elapsed, self._diagnose(inbox, probe, step, e))
+
+    def _diagnose(self, inbox: Inbox, probe: Probe, step: Step, exc: Exception,
+                  phase: Phase | None = None) -> Diagnosis:
+        ep = probe.endpoint
+        ctx = Context(ep.host, ep.port, ep.security, inbox.provider)
+        diagnosis = classify(step, exc, phase or probe.conn.phase, ctx, inbox.secrets())
+        log.warning("step failed", extra={"inbox": inbox.name, "step": step.value,
+                                           "category": diagnosis.category.value,
+                                           "reason": diagnosis.reason.value,
+                                           "detail": diagnosis.detail})
+        return diagnosis

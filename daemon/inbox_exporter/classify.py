@@ -81,6 +81,7 @@ RULES: tuple[Rule, ...] = (
     Rule(Reason.CERTIFICATE_UNTRUSTED, Category.CERTIFICATE_UNTRUSTED, errors=(_CERT,)),
     # Reaching the server.
     Rule(Reason.DNS_ERROR, errors=(socket.gaierror,)),
+    Rule(Reason.DNS_ERROR, phases=frozenset({Phase.DNS}), errors=(TimeoutError,)),
     Rule(Reason.CONNECTION_REFUSED, errors=(ConnectionRefusedError,)),
     Rule(Reason.CONNECTION_TIMEOUT, phases=frozenset({Phase.CONNECT}), errors=(TimeoutError,)),
     Rule(Reason.GREETING_TIMEOUT, phases=frozenset({Phase.GREETING}), errors=(TimeoutError,)),
@@ -97,19 +98,22 @@ RULES: tuple[Rule, ...] = (
          text=r"PRIVACYREQUIRED|plaintext authentication disallowed|must issue a STARTTLS"
               r"|encryption required|\b5\.7\.11\b|TLS required"),
     Rule(Reason.BASIC_AUTH_DISABLED, Category.UNAUTHORIZED, steps=LOGIN_STEPS,
-         text=r"basic auth\w* (is )?disabled|\b5\.7\.139\b|SmtpClientAuthentication is disabled"),
+         text=r"basic auth\w* (is )?disabled|SmtpClientAuthentication is disabled"),
     Rule(Reason.AUTH_FAILED, Category.UNAUTHORIZED, steps=LOGIN_STEPS,
          text=r"AUTHENTICATIONFAILED|invalid credentials|authentication failed"
               r"|\b535\b|username and password not accepted|LOGIN failed"
               r"|AUTHENTICATE failed|incorrect password|invalid (login|user)"),
-    Rule(Reason.IP_NOT_ALLOWED, text=r"client host rejected|access denied"
-         r"|not (allowed|permitted) from|from this (ip|location|network)|ip address .*(blocked|denied)"),
+    Rule(Reason.IP_NOT_ALLOWED, text=r"client host rejected|client host \S+ blocked"
+         r"|not (allowed|permitted) from|from this (ip|location|network)"
+         r"|ip( address)? \S* ?(is )?(not allowed|blocked|denied|blacklisted)"),
     Rule(Reason.AUTH_UNAVAILABLE, errors=(errors.AuthUnavailable,)),
     Rule(Reason.AUTH_UNAVAILABLE, steps=LOGIN_STEPS,
          text=r"\[UNAVAILABLE\]|\[SERVERBUG\]|temporary authentication failure|\b454\b"),
     Rule(Reason.RATE_LIMITED, steps=frozenset({Step.TEST_EMAIL}),
          text=r"rate limit|too many (messages|recipients)|sending (quota|limit)|\b4\.7\.28\b|\b5\.4\.5\b"),
-    # Sending the test email.
+    # Sending the test email: a 4xx is the server's trouble, not a verdict on the message.
+    Rule(Reason.SERVER_UNAVAILABLE, errors=(smtplib.SMTPSenderRefused, smtplib.SMTPRecipientsRefused,
+                                            smtplib.SMTPDataError), text=r"(^|\| )4\d\d\b"),
     Rule(Reason.SENDER_REJECTED, errors=(smtplib.SMTPSenderRefused,)),
     Rule(Reason.RECIPIENT_REJECTED, errors=(smtplib.SMTPRecipientsRefused,)),
     Rule(Reason.MESSAGE_REJECTED, errors=(smtplib.SMTPDataError,)),

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from . import __version__, logs
 from .check import Checker
 from .config import ConfigError, load_config
+from .limits import ConnectionLimits
 from .output import render_json, render_text
 
 EXIT_OK, EXIT_FAILING, EXIT_CONFIG = 0, 1, 2
@@ -79,7 +80,7 @@ def _check(config, args) -> int:
     if not inboxes:
         print(f"error: {config.source}: no inboxes configured", file=sys.stderr)
         return EXIT_CONFIG
-    checker = Checker()
+    checker = Checker(ConnectionLimits(config.checks.max_connections_per_host))
     with ThreadPoolExecutor(max_workers=max(1, min(args.parallel, len(inboxes)))) as pool:
         results = list(pool.map(checker.check, inboxes))
     print(render_json(results) if args.output == "json" else render_text(results))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -19,6 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr, Validati
 
 from . import providers
 from .providers import Endpoint
+from .redact import sasl_plain
 
 NAME_RE = re.compile(r"^[a-z0-9_.-]+$")
 _DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
@@ -80,9 +82,15 @@ class ServerModel(_Strict):
     security: Security | None = None
 
 
+def _subject(value: Any) -> Any:
+    if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must be one line without control characters")
+    return value
+
+
 class TestEmailModel(_Strict):
     to: Email
-    subject: str = "inbox-exporter test email"
+    subject: Annotated[str, BeforeValidator(_subject)] = "inbox-exporter test email"
 
 
 class _Overridable(_Strict):
@@ -168,7 +176,9 @@ class Inbox:
     test_email_subject: str
 
     def secrets(self) -> tuple[str, ...]:
-        return (self.password.get_secret_value(),)
+        """Every form of the password a server could echo back, for redaction."""
+        password = self.password.get_secret_value()
+        return (password, sasl_plain(self.username, password), sasl_plain("", password))
 
 
 @dataclass(frozen=True)
@@ -280,7 +290,7 @@ def _message(err: dict) -> str:
 def _resolve(model: ConfigModel, source: str, environ: Mapping[str, str]) -> tuple[Inbox, ...]:
     defaults = model.defaults
     if defaults.ca_file is not None:
-        _check_readable(defaults.ca_file, "defaults.ca_file", source)
+        _check_ca_file(defaults.ca_file, "defaults.ca_file", source)
     seen: set[str] = set()
     inboxes = []
     for raw in model.inboxes:
@@ -312,9 +322,13 @@ def _resolve(model: ConfigModel, source: str, environ: Mapping[str, str]) -> tup
         interval = pick("interval", DEFAULT_INTERVAL)
         timeout = pick("timeout", DEFAULT_TIMEOUT)
         deadline = pick("deadline", min(DEADLINE_STEPS * timeout, interval))
+        if deadline > interval:
+            where_key = "deadline" if raw.deadline is not None or defaults.deadline is None else "interval"
+            raise fail(where_key, f"the deadline ({deadline:g}s) must not exceed the interval "
+                                  f"({interval:g}s): checks would overlap")
         ca_file = pick("ca_file", None)
         if raw.ca_file is not None:
-            _check_readable(raw.ca_file, f"{where}.ca_file", source)
+            _check_ca_file(raw.ca_file, f"{where}.ca_file", source)
         test_email: TestEmailModel | None = pick("test_email", None)
         inboxes.append(Inbox(
             name=raw.name,
@@ -370,9 +384,11 @@ def _password(raw: InboxModel, environ: Mapping[str, str], fail) -> SecretStr:
     return raw.password
 
 
-def _check_readable(path: str, where: str, source: str) -> None:
+def _check_ca_file(path: str, where: str, source: str) -> None:
+    """A CA file that would fail at the first check fails here instead, as a config error."""
     try:
-        with open(path, "rb"):
-            pass
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        raise ConfigError(where, f"{path} holds no PEM certificate", source) from None
     except OSError as e:
         raise ConfigError(where, f"cannot read {path}: {e.strerror}", source) from None

@@ -28,7 +28,8 @@ class Deadline:
 
 
 class Watchdog:
-    """Calls `on_expiry` for guards still open at their end time; one daemon thread, lazily.
+    """Calls `on_expiry` (which must be quick) for guards still open at their end time; one
+    daemon thread, started lazily.
 
     Cheap on the hot path: opening a guard wakes the thread only when it becomes the earliest
     deadline, closing one never does, and the thread wakes at most every `resolution` seconds
@@ -74,7 +75,6 @@ class Watchdog:
 
     def _run(self) -> None:
         while True:
-            due: list[Callable[[], None]] = []
             with self._cond:
                 if self._stopped:
                     return
@@ -83,16 +83,14 @@ class Watchdog:
                     _, key, fn = heapq.heappop(self._heap)
                     if key in self._open:
                         self._open.discard(key)
-                        due.append(fn)
-                if not due:
-                    wait = self._heap[0][0] - now if self._heap else None
-                    self._cond.wait(None if wait is None else max(wait, self.resolution))
-                    continue
-            for fn in due:
-                try:
-                    fn()
-                except Exception:  # noqa: BLE001 - shutting down a dead socket may fail
-                    pass
+                        # Under the lock: the guard cannot close (and its owner move on to
+                        # the next step on the same connection) while this runs.
+                        try:
+                            fn()
+                        except Exception:  # noqa: BLE001 - a dead socket may refuse shutdown
+                            pass
+                wait = self._heap[0][0] - now if self._heap else None
+                self._cond.wait(None if wait is None else max(wait, self.resolution))
 
 
 WATCHDOG = Watchdog()

@@ -51,5 +51,8 @@ def setup(level: str = "info", fmt: str = "logfmt", stream=sys.stderr) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # IMAPClient logs every command at DEBUG, LOGIN with its password included: never let
+    # that reach a handler, whatever the level.
+    logging.getLogger("imapclient").setLevel(logging.WARNING)
     # APScheduler logs every job run at INFO: one line per check is ours to write, not its.
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))

@@ -133,7 +133,7 @@ class StepResult:
             "category": d.category.value if d else None,
             "reason": d.reason.value if d else None,
             "hint": d.hint if d else None,
-            "detail": d.detail if d else self.note,
+            "detail": d.detail if d else None,
         }
 
 

@@ -10,15 +10,26 @@ MAX_DETAIL = 400
 REDACTED = "<redacted>"
 
 
+# A server may echo the command it refuses: never show what follows AUTH or LOGIN <user>.
+_COMMANDS = re.compile(r"""(\bAUTH(?:ENTICATE)?\s+[A-Z0-9-]+\s+)\S+|(\bLOGIN\s+(?:"(?:[^"\\]|\\.)*"|\S+)\s+)("(?:[^"\\]|\\.)*"|\S+)""", re.I)
+
+
 def _forms(secret: str) -> set[str]:
-    """The ways a secret may show up in text: as is, quoted, base64 (SASL), and as bytes repr."""
-    forms = {secret, repr(secret)[1:-1], repr(secret.encode())[2:-1]}
-    raw = secret.encode()
-    forms.add(base64.b64encode(raw).decode())
+    """The ways a secret may show up in text: as is, IMAP-quoted, base64 (SASL LOGIN), as a
+    Python str or bytes repr."""
+    quoted = secret.replace("\\", "\\\\").replace('"', '\\"')
+    forms = {secret, quoted, repr(secret)[1:-1], repr(secret.encode())[2:-1],
+             base64.b64encode(secret.encode()).decode()}
     return {f for f in forms if len(f) >= 3}
 
 
+def sasl_plain(username: str, password: str) -> str:
+    """The SASL PLAIN initial response (RFC 4616), which carries the password in base64."""
+    return base64.b64encode(f"\0{username}\0{password}".encode()).decode()
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
+    text = _COMMANDS.sub(lambda m: (m.group(1) or m.group(2)) + REDACTED, text)
     for secret in secrets:
         if not secret:
             continue

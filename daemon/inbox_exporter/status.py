@@ -50,7 +50,7 @@ def inbox_status(state: InboxState, next_run: float | None) -> dict:
         "last_check_duration_seconds": round(last.duration_seconds, 6) if last else None,
         "last_success": _iso(state.last_success_at),
         "next_run": _iso(next_run),
-        "steps": [s.to_json() for s in last.steps] if last else [],
+        "steps": [{**s.to_json(), "note": s.note} for s in last.steps] if last else [],
         "certificates": [
             {"protocol": c.protocol.value, "trusted": c.trusted, "expires": _iso(c.not_after)}
             for c in (last.certificates if last else ())],
@@ -110,7 +110,7 @@ def render_html(statuses: list[dict]) -> str:
         why = f"{s['category']} / {s['reason']}" if s["category"] else ""
         steps = "".join(
             f"<tr><td>{e(st['step'])}</td><td>{e(st['status'])}</td><td>{_latency(st)}</td>"
-            f"<td>{e(st['detail'] or '')}</td></tr>" for st in s["steps"])
+            f"<td>{e(st['detail'] or st['note'] or '')}</td></tr>" for st in s["steps"])
         details = (f"<details><summary>steps</summary><table class=steps>{steps}</table></details>"
                    if steps else "")
         rows.append(

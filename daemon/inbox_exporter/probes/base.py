@@ -13,6 +13,9 @@ from ..providers import Endpoint
 from .transport import Connection, certificate_info, context_for, open_socket, untrusted_certificate
 
 
+CLOSE_TIMEOUT = 2.0  # for LOGOUT / QUIT after the steps
+
+
 class Probe:
     protocol: Protocol
 

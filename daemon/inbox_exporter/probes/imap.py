@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import imaplib
-import logging
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
@@ -11,12 +10,7 @@ from imapclient.exceptions import IMAPClientError
 from .. import errors
 from ..config import Inbox
 from ..model import Phase, Protocol
-from .base import Probe
-
-# IMAPClient logs every command at DEBUG, LOGIN included: never let that reach a handler.
-logging.getLogger("imapclient").setLevel(logging.WARNING)
-
-CLOSE_TIMEOUT = 2.0
+from .base import CLOSE_TIMEOUT, Probe
 
 
 class _IMAP4(imaplib.IMAP4):

@@ -11,9 +11,8 @@ from email.utils import formatdate
 from .. import errors
 from ..config import Inbox
 from ..model import Phase, Protocol
-from .base import Probe
+from .base import CLOSE_TIMEOUT, Probe
 
-CLOSE_TIMEOUT = 2.0
 PROBE_HEADER = "X-Inbox-Exporter-Probe"
 # Preferred first; CRAM-MD5 and friends are obsolete and XOAUTH2 needs a token, not a password.
 MECHANISMS = ("PLAIN", "LOGIN")

@@ -8,9 +8,12 @@ the certificate is recorded the same way for IMAP and SMTP.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import socket
 import ssl
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 
 from ..model import CertificateInfo, Phase, Protocol
@@ -22,9 +25,11 @@ class Connection:
     def __init__(self) -> None:
         self.phase = Phase.DNS
         self.sock: socket.socket | None = None
+        self.aborted = False
 
     def abort(self) -> None:
         """Cut the connection now (from another thread): a blocked read fails at once."""
+        self.aborted = True
         sock = self.sock
         if sock is not None:
             try:
@@ -37,7 +42,7 @@ def open_socket(conn: Connection, host: str, port: int, timeout: float,
                 source_address: str | None, tls: ssl.SSLContext | None) -> socket.socket:
     """Resolve, connect (trying each address, like socket.create_connection) and wrap in TLS."""
     conn.phase = Phase.DNS
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = resolve(host, port, timeout)
     conn.phase = Phase.CONNECT
     last: OSError | None = None
     for family, kind, proto, _, address in infos:
@@ -65,6 +70,24 @@ def open_socket(conn: Connection, host: str, port: int, timeout: float,
         conn.sock = sock
     conn.phase = Phase.GREETING
     return sock
+
+
+# getaddrinfo() cannot be interrupted, so lookups run on a few threads of their own and the
+# step waits at most its timeout; a hung resolver then fails checks instead of hanging them.
+_RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dns")
+
+
+def resolve(host: str, port: int, timeout: float) -> list:
+    try:
+        ipaddress.ip_address(host)  # a literal address needs no lookup: no thread hop
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except ValueError:
+        pass
+    future = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return future.result(timeout=timeout)
+    except FutureTimeout:
+        raise TimeoutError(f"DNS lookup of {host} took longer than {timeout:g}s") from None
 
 
 @functools.lru_cache(maxsize=64)
