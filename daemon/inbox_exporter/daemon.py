@@ -7,6 +7,8 @@ inbox_exporter_config_last_reload_successful goes to 0.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import threading
 import time
@@ -54,6 +56,7 @@ class Exporter:
         self.config = config
         self.metrics.reload_success.set(1)
         self.metrics.reload_timestamp.set(time.time())
+        release_memory()
 
     def start(self) -> None:
         assert self.config is not None
@@ -88,8 +91,9 @@ class Exporter:
 
     # --- what the HTTP endpoints show ---------------------------------------------------
 
-    def render_metrics(self) -> str:
-        return self.metrics.render() + self.inbox_metrics.render(self.store.snapshot())
+    def render_metrics(self) -> list[bytes]:
+        """The /metrics body, in parts (see InboxMetrics.render)."""
+        return [self.metrics.render(), *self.inbox_metrics.render(self.store.snapshot())]
 
     def statuses(self) -> list[dict]:
         return [inbox_status(s, self.scheduler.next_run(s.inbox.name))
@@ -112,3 +116,16 @@ class Exporter:
 
     def ready(self) -> bool:
         return self.config is not None
+
+
+def release_memory() -> None:
+    """Give the heap freed by a (re)load back to the OS.
+
+    Parsing a 10,000-inbox file peaks at ~100 MB of short-lived YAML nodes and models, and
+    glibc keeps freed heap mapped: RSS would stay at the peak for the process's life.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do

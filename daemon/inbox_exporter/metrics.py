@@ -6,11 +6,10 @@ building metric-family objects at every scrape would take seconds; joining cache
 milliseconds. Removed inboxes vanish with their store entry. Aggregates and the exporter's own
 metrics live in an injected prometheus_client registry.
 
-Step state, per inbox and step, in two shapes (see docs/metrics.md):
-- `inbox_step_status{status="ok|failed|skipped"}`: one-hot, all three series always present
-  (all 0 before the first check): unambiguous, for tables and counting.
-- `inbox_step_success`: 1 ok, 0 failed, NaN when skipped or not run yet, so a skipped step
-  reads neither as a success nor as a new failure (`== 0` and `== 1` are both false).
+A step's state is one series, `inbox_step_success`: 1 ok, 0 failed, NaN when skipped (or
+before the first check), so a skipped step reads neither as a success nor as a new failure:
+`== 0` and `== 1` are both false for NaN (see docs/metrics.md). A one-hot status series per
+state would triple the largest family: 400,000 series at 10,000 inboxes instead of 230,000.
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ INBOX_FAMILIES: dict[str, tuple[str, str]] = {
     "inbox_last_check_timestamp_seconds": ("gauge", "Unix time the last completed check started."),
     "inbox_last_success_timestamp_seconds": ("gauge", "Unix time the last successful check started."),
     "inbox_consecutive_failures": ("gauge", "Failed checks in a row (0 after a success)."),
-    "inbox_step_status": ("gauge", "State of each step in the last check: 1 for the current status (ok, failed or skipped), 0 for the others."),
     "inbox_step_success": ("gauge", "1 if the step passed in the last check, 0 if it failed, NaN if it was skipped or has not run."),
     "inbox_step_duration_seconds": ("gauge", "Wall time of the step in the last check; NaN if skipped."),
     "inbox_failure_info": ("gauge", "The current failure of a step (value 1), with its category and reason; absent when the step is not failing."),
@@ -90,9 +88,6 @@ def render_inbox(state: InboxState, expose_email: bool = False) -> dict[str, str
     steps = {s.step: s for s in last.steps} if last else {}
     for step in ALL_STEPS:
         result = steps.get(step)
-        for status in Status:
-            add("inbox_step_status", result is not None and result.status is status,
-                step=step.value, status=status.value)
         ran = result is not None and result.status is not Status.SKIPPED
         add("inbox_step_success", result.status is Status.OK if ran else None, step=step.value)
         add("inbox_step_duration_seconds", result.duration_seconds if ran else None,
@@ -110,29 +105,36 @@ def render_inbox(state: InboxState, expose_email: bool = False) -> dict[str, str
     return {f: "".join(v) for f, v in lines.items()}
 
 
+_BATCH = 500  # inboxes per write
+
+
 class InboxMetrics:
-    """Per-inbox text, cached by (inbox, state version)."""
+    """Per-inbox text, cached by (inbox, state version), as bytes ready for the socket."""
 
     def __init__(self, expose_email: bool = False):
         self.expose_email = expose_email
-        self._cache: dict[str, tuple[int, object, dict[str, str]]] = {}
+        self._cache: dict[str, tuple[int, object, dict[str, bytes]]] = {}
         self._lock = threading.Lock()
 
-    def render(self, states: Iterable[InboxState]) -> str:
+    def render(self, states: Iterable[InboxState]) -> list[bytes]:
+        """The body in parts, written one after the other and never joined whole: at
+        10,000 inboxes it is ~17 MB, and each extra copy of it is RSS."""
         with self._lock:
-            cache: dict[str, tuple[int, object, dict[str, str]]] = {}
+            cache: dict[str, tuple[int, object, dict[str, bytes]]] = {}
             for st in states:
                 hit = self._cache.get(st.inbox.name)
                 if hit is None or hit[0] != st.version or hit[1] is not st.inbox:
-                    hit = (st.version, st.inbox, render_inbox(st, self.expose_email))
+                    text = render_inbox(st, self.expose_email)
+                    hit = (st.version, st.inbox, {f: t.encode() for f, t in text.items()})
                 cache[st.inbox.name] = hit
             self._cache = cache
             chunks = [c[2] for c in cache.values()]
-        out: list[str] = []
+        parts = []
         for family, (kind, help_text) in INBOX_FAMILIES.items():
-            out.append(f"# HELP {family} {help_text}\n# TYPE {family} {kind}\n")
-            out.extend(c[family] for c in chunks)
-        return "".join(out)
+            parts.append(f"# HELP {family} {help_text}\n# TYPE {family} {kind}\n".encode())
+            for i in range(0, len(chunks), _BATCH):  # a few large writes, no whole copy
+                parts.append(b"".join(c[family] for c in chunks[i:i + _BATCH]))
+        return parts
 
 
 class ExporterMetrics:
@@ -171,5 +173,5 @@ class ExporterMetrics:
             if s.status is not Status.SKIPPED:
                 self.step_latency.labels(s.step.value, provider).observe(s.duration_seconds)
 
-    def render(self) -> str:
-        return generate_latest(self.registry).decode()
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -91,13 +91,18 @@ class Scheduler:
         with self._lock:
             current = dict(self._inboxes)
             self._inboxes = wanted
-        for name in current.keys() - wanted.keys():
-            self._remove(name)
-        for name, inbox in wanted.items():
-            if current.get(name) != inbox:
-                if name in current:
-                    self._remove(name)
-                self._add(inbox, delay=start_offset(name, inbox.interval))
+        # Paused, the scheduler thread does not wake up for each of thousands of changes.
+        self._sched.pause()
+        try:
+            for name in current.keys() - wanted.keys():
+                self._remove(name)
+            for name, inbox in wanted.items():
+                if current.get(name) != inbox:
+                    if name in current:
+                        self._remove(name)
+                    self._add(inbox, delay=start_offset(name, inbox.interval))
+        finally:
+            self._sched.resume()
         self.metrics.inboxes.set(len(wanted))
         log.info("inboxes scheduled", extra={"inboxes": len(wanted),
                                              "added": len(wanted.keys() - current.keys()),

@@ -24,7 +24,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         exporter = self.server.exporter
         if url.path == "/metrics":
-            self._send(200, exporter.render_metrics(), CONTENT_TYPE)
+            self._send_parts(200, exporter.render_metrics(), CONTENT_TYPE)
         elif url.path == "/-/healthy":
             ok = exporter.healthy()
             self._send(200 if ok else 503, "Healthy\n" if ok else "Scheduler not ticking\n")
@@ -62,16 +62,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, code: int, body: str, content_type: str = "text/plain; charset=utf-8",
               headers: dict[str, str] | None = None) -> None:
-        data = body.encode()
+        self._send_parts(code, [body.encode()], content_type, headers)
+
+    def _send_parts(self, code: int, parts: list[bytes], content_type: str,
+                    headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Length", str(sum(len(p) for p in parts)))
         self.send_header("Cache-Control", "no-store")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(data)
+            for part in parts:
+                self.wfile.write(part)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - base-class signature
         log.debug("http request", extra={"client": self.client_address[0],
