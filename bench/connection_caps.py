@@ -24,7 +24,10 @@ exactly as long as the monitor holds it.
 
     .venv/bin/python bench/connection_caps.py [--seconds-a 30] [--seconds-b 30] ...
 
-Needs root (the lab does). About 2 minutes with the defaults; exits 1 if any check FAILs.
+Needs root (the lab does). About 1.5 minutes with the defaults; exits 1 if any check FAILs.
+--alias-logins / --alias-hosts name the same account / server two ways (alice and
+alice@example.test; localhost and 127.0.0.1): the caps are keyed by the configured strings,
+so these runs show what a server then sees.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 import asyncio
 import collections
 import logging
+import re
 import secrets
 import subprocess
 import sys
@@ -222,9 +226,9 @@ class CountingProxy:
     """127.0.0.1:<port> -> target; counts simultaneous client connections into its own
     Concurrency and into any shared ones (a per-host total)."""
 
-    def __init__(self, name: str, target_port: int, delay: float, shared: list[Concurrency],
-                 t0: float, target_host: str = "127.0.0.1"):
-        self.name, self.target_host, self.target_port, self.delay = name, target_host, target_port, delay
+    def __init__(self, target_port: int, delay: float, shared: list[Concurrency], t0: float,
+                 target_host: str = "127.0.0.1"):
+        self.target_host, self.target_port, self.delay = target_host, target_port, delay
         self.concurrency = Concurrency(t0)
         self.counters = [self.concurrency, *shared]
         self.links: set[_Link] = set()
@@ -257,7 +261,6 @@ class ProxyLoop:
         self.thread = threading.Thread(target=self.loop.run_forever, name="proxies", daemon=True)
         self.thread.start()
         self.proxies: list[CountingProxy] = []
-        self.host_total: Concurrency | None = None
 
     def run(self, coro, timeout: float = 10.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -291,11 +294,27 @@ class Outcome:
     checks_total: float = 0.0                  # inbox_exporter_checks_total
     ok: int = 0                                # results recorded in the store
     failed: int = 0
-    failures_by_step: collections.Counter = field(default_factory=collections.Counter)
     failures_by_reason: dict[str, float] = field(default_factory=dict)  # category/reason -> n
     too_many: float = 0.0                      # inbox_check_failures_total{reason=too_many_connections}
+    failures_by_step: collections.Counter = field(default_factory=collections.Counter)
+    failures_by_cause: collections.Counter = field(default_factory=collections.Counter)
+    other_details: list[str] = field(default_factory=list)  # a few failures not explained
     max_in_flight: float = 0.0
     clean_stop: bool = True
+
+
+def queued_out(detail: str, step_timeout: float) -> str | None:
+    """Which way a failed step ran out of the check's deadline while it waited for a
+    connection slot (the monitor's own queue, not the server); None for any other failure."""
+    if "no connection slot was free" in detail:
+        return "no slot before the deadline"
+    if "deadline" in detail and "exhausted" in detail:
+        return "deadline used up before the step"
+    m = re.match(r"timed out after ([0-9.e-]+)s", detail)
+    if m and float(m.group(1)) < step_timeout - 0.01:
+        # The step's budget was what was left of the check's deadline, not its own timeout.
+        return "cut short by the deadline"
+    return None
 
 
 def write_config(tmp: Path, lab, inboxes: list[dict], per_host: int, interval: str,
@@ -310,10 +329,11 @@ def write_config(tmp: Path, lab, inboxes: list[dict], per_host: int, interval: s
     return path
 
 
-def entry(name: str, user, imap_port: int, smtp_port: int, login: str | None = None) -> dict:
+def entry(name: str, user, imap_port: int, smtp_port: int, login: str | None = None,
+          host: str = "127.0.0.1") -> dict:
     e = {"name": name, "email": user.address, "password_env": env_name(name),
-         "imap": {"host": "127.0.0.1", "port": imap_port, "security": "ssl"},
-         "smtp": {"host": "127.0.0.1", "port": smtp_port, "security": "starttls"}}
+         "imap": {"host": host, "port": imap_port, "security": "ssl"},
+         "smtp": {"host": host, "port": smtp_port, "security": "starttls"}}
     if login:
         e["username"] = login
     return e
@@ -337,6 +357,10 @@ def run_exporter(config: Path, environ: dict[str, str], seconds: float) -> Outco
                 out.failed += 1
                 for s in state.last.failures:
                     out.failures_by_step[f"{s.step.value}/{s.diagnosis.reason.value}"] += 1
+                    why = queued_out(s.diagnosis.detail or "", state.inbox.timeout)
+                    out.failures_by_cause[why or "other"] += 1
+                    if not why and len(out.other_details) < 5:
+                        out.other_details.append(f"{s.step.value}: {s.diagnosis.detail}")
 
     exporter.store.on_record(on_record)
     exporter.start()
@@ -376,6 +400,9 @@ def describe(out: Outcome) -> list[str]:
             f"{k} {v:g}" for k, v in sorted(out.failures_by_reason.items())))
         lines.append("failed steps by step/reason: " + ", ".join(
             f"{k} {v}" for k, v in sorted(out.failures_by_step.items())))
+        lines.append("failed steps by cause: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(out.failures_by_cause.items())))
+        lines += [f"  other: {d}" for d in out.other_details]
     return lines
 
 
@@ -410,8 +437,8 @@ def scenario_a(lab, args, tmp: Path, report: Report) -> None:
     t0 = time.monotonic()
     proxies = ProxyLoop()
     try:
-        imap = proxies.add(CountingProxy("imap", lab.ports.imaps_limited, args.delay_a / 1000, [], t0))
-        smtp = proxies.add(CountingProxy("smtp", lab.ports.submission, args.delay_a / 1000, [], t0))
+        imap = proxies.add(CountingProxy(lab.ports.imaps_limited, args.delay_a / 1000, [], t0))
+        smtp = proxies.add(CountingProxy(lab.ports.submission, args.delay_a / 1000, [], t0))
         # --alias-logins: every other inbox logs in as "alice", which Dovecot takes for the
         # same user as alice@example.test (see lab/README.md).
         inboxes = [entry(f"a{i}", alice, imap.port, smtp.port,
@@ -447,16 +474,21 @@ def scenario_b(lab, args, tmp: Path, report: Report, users: list, cap: int,
                seconds: float, control: bool) -> None:
     what = "control, cap raised" if control else "per host"
     print(f"\nB  {what}: {len(users)} inboxes, one lab user each; IMAPS (main) and "
-          f"submission/STARTTLS; proxies hold each chunk {args.delay_b} ms; interval "
+          f"submission/STARTTLS{'; half of them via localhost (alias)' if args.alias_hosts else ''}; "
+          f"proxies hold each chunk {args.delay_b} ms; interval "
           f"{args.interval}, concurrency 32, max_connections_per_host {cap}; {seconds:g} s",
           flush=True)
     t0 = time.monotonic()
     proxies = ProxyLoop()
     host = Concurrency(t0)  # both proxies are host 127.0.0.1 to the daemon: one cap for both
     try:
-        imap = proxies.add(CountingProxy("imap", lab.ports.imaps, args.delay_b / 1000, [host], t0))
-        smtp = proxies.add(CountingProxy("smtp", lab.ports.submission, args.delay_b / 1000, [host], t0))
-        inboxes = [entry(f"b{i}", u, imap.port, smtp.port) for i, u in enumerate(users)]
+        imap = proxies.add(CountingProxy(lab.ports.imaps, args.delay_b / 1000, [host], t0))
+        smtp = proxies.add(CountingProxy(lab.ports.submission, args.delay_b / 1000, [host], t0))
+        # --alias-hosts: every other inbox names the same server "localhost" (the lab
+        # certificate is valid for both names).
+        inboxes = [entry(f"b{i}", u, imap.port, smtp.port,
+                         host="localhost" if args.alias_hosts and i % 2 else "127.0.0.1")
+                   for i, u in enumerate(users)]
         sub = tmp / ("b-control" if control else "b")
         sub.mkdir()
         config = write_config(sub, lab, inboxes, per_host=cap, interval=args.interval, concurrency=32)
@@ -505,6 +537,8 @@ def main() -> None:
     ap.add_argument("--alias-logins", action="store_true",
                     help="in A, half the inboxes log in as 'alice' instead of alice@example.test "
                          "(the same Dovecot user, a different login string)")
+    ap.add_argument("--alias-hosts", action="store_true",
+                    help="in B, half the inboxes name the server 'localhost' instead of 127.0.0.1")
     ap.add_argument("--verbose", action="store_true", help="show the daemon's warnings")
     args = ap.parse_args()
     # Every failed step logs a warning; in A many checks wait for the one slot on purpose.
