@@ -67,16 +67,21 @@ class Checker:
                  chain: Sequence[tuple[Step, Callable[[float], None]]]) -> list[StepResult]:
         """One chain on one connection, within the connection caps; always closed, and the
         close is bounded too (a server may trickle its LOGOUT reply)."""
-        with self.limits.slot(probe.protocol.value, probe.endpoint.host, inbox.username,
-                              deadline.remaining()) as granted:
-            if not granted:
-                return self._not_run(inbox, probe, chain, errors.StepTimeout(
-                    "no connection slot was free before the check's deadline (connection caps)"))
-            try:
-                return self._chain(inbox, probe, deadline, chain)
-            finally:
-                with self.watchdog.guard(CLOSE_TIMEOUT, probe.conn.abort):
-                    probe.close()
+        # Waiting for a slot is the exporter's own queue, not the server's time: the deadline
+        # stands still meanwhile, and the wait is bounded by the interval (the next run is due).
+        with deadline.paused():
+            slot = self.limits.acquire(probe.protocol.value, probe.endpoint.host,
+                                       {inbox.username, inbox.email}, inbox.interval)
+        if slot is None:
+            return self._not_run(inbox, probe, chain, errors.StepTimeout(
+                f"not run: no connection slot was free for {inbox.interval:g}s: the exporter "
+                "is over capacity (checks.max_connections_per_host, shared accounts)"))
+        try:
+            return self._chain(inbox, probe, deadline, chain)
+        finally:
+            with self.watchdog.guard(CLOSE_TIMEOUT, probe.conn.abort):
+                probe.close()
+            self.limits.release(slot)
 
     def _chain(self, inbox: Inbox, probe: Probe, deadline: Deadline,
                chain: Sequence[tuple[Step, Callable[[float], None]]]) -> list[StepResult]:

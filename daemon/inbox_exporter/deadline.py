@@ -26,6 +26,15 @@ class Deadline:
     def expired(self) -> bool:
         return self._clock() >= self.at
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside does not count against the deadline."""
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            self.at += self._clock() - t0
+
 
 class Watchdog:
     """Calls `on_expiry` (which must be quick) for guards still open at their end time; one
