@@ -138,6 +138,40 @@ class ChecksModel(_Strict):
     auth_failure_max_interval: Duration = 3600.0
 
 
+def _url(value: Any) -> Any:
+    if isinstance(value, str) and not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value
+
+
+Url = Annotated[str, BeforeValidator(_url)]
+
+
+class SentryModel(_Strict):
+    dsn_env: str  # the DSN holds a key: from the environment only
+    environment: str = "production"
+
+
+class AlertmanagerModel(_Strict):
+    url: Url
+    resend_interval: Duration = 60.0
+
+
+class WebhookModel(_Strict):
+    url: Url
+    headers_env: dict[str, str] = {}  # header name -> environment variable holding its value
+
+
+class AlertingModel(_Strict):
+    failure_threshold: Positive = 2
+    recovery_threshold: Positive = 1
+    runbook_url: Url | None = None
+    status_page_url: Url | None = None  # linked from alerts (e.g. https://inbox-exporter.example/)
+    sentry: SentryModel | None = None
+    alertmanager: AlertmanagerModel | None = None
+    webhooks: list[WebhookModel] = []
+
+
 class MetricsModel(_Strict):
     expose_email: bool = False  # the address is personal data: off unless the operator opts in
 
@@ -145,6 +179,7 @@ class MetricsModel(_Strict):
 class ConfigModel(_Strict):
     checks: ChecksModel = ChecksModel()
     metrics: MetricsModel = MetricsModel()
+    alerting: AlertingModel = AlertingModel()
     defaults: DefaultsModel = DefaultsModel()
     inboxes: list[InboxModel] = []
 
@@ -187,6 +222,7 @@ class Config:
     source: str
     checks: ChecksModel = ChecksModel()
     metrics: MetricsModel = MetricsModel()
+    alerting: "Alerting | None" = None
 
     def inbox(self, name: str) -> Inbox:
         for i in self.inboxes:
@@ -240,7 +276,8 @@ def parse_config(text: str, source: str, environ: Mapping[str, str]) -> Config:
         model = ConfigModel.model_validate(data)
     except ValidationError as e:
         raise _first_error(e, data, source) from None
-    return Config(_resolve(model, source, environ), source, model.checks, model.metrics)
+    return Config(_resolve(model, source, environ), source, model.checks, model.metrics,
+                  _alerting(model.alerting, source, environ))
 
 
 def _first_error(exc: ValidationError, data: dict, source: str) -> ConfigError:
@@ -353,6 +390,52 @@ def _resolve(model: ConfigModel, source: str, environ: Mapping[str, str]) -> tup
             test_email_subject=test_email.subject if test_email else TestEmailModel.model_fields["subject"].default,
         ))
     return tuple(inboxes)
+
+
+@dataclass(frozen=True)
+class Alerting:
+    """The alerting section, resolved: secrets read from the environment."""
+
+    failure_threshold: int
+    recovery_threshold: int
+    runbook_url: str | None
+    status_page_url: str | None
+    sentry_dsn: SecretStr | None
+    sentry_environment: str
+    alertmanager_url: str | None
+    resend_interval: float
+    webhooks: tuple[tuple[str, tuple[tuple[str, SecretStr], ...]], ...]  # (url, headers)
+
+    def secrets(self) -> tuple[str, ...]:
+        out = [v.get_secret_value() for _, headers in self.webhooks for _, v in headers]
+        if self.sentry_dsn:
+            out.append(self.sentry_dsn.get_secret_value())
+        return tuple(out)
+
+
+def _alerting(model: AlertingModel, source: str, environ: Mapping[str, str]) -> Alerting:
+    def env(var: str, where: str) -> SecretStr:
+        value = environ.get(var)
+        if not value:
+            raise ConfigError(where, f"environment variable {var} is not set", source)
+        return SecretStr(value)
+
+    webhooks = tuple(
+        (w.url, tuple((name, env(var, f"alerting.webhooks[{i}].headers_env.{name}"))
+                      for name, var in w.headers_env.items()))
+        for i, w in enumerate(model.webhooks))
+    am = model.alertmanager
+    return Alerting(
+        failure_threshold=model.failure_threshold,
+        recovery_threshold=model.recovery_threshold,
+        runbook_url=model.runbook_url,
+        status_page_url=model.status_page_url,
+        sentry_dsn=env(model.sentry.dsn_env, "alerting.sentry.dsn_env") if model.sentry else None,
+        sentry_environment=model.sentry.environment if model.sentry else "production",
+        alertmanager_url=am.url.rstrip("/") if am else None,
+        resend_interval=am.resend_interval if am else 60.0,
+        webhooks=webhooks,
+    )
 
 
 def _endpoint(protocol: str, raw: ServerModel, preset: Endpoint | None, fail) -> Endpoint:

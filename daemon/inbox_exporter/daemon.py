@@ -14,8 +14,10 @@ import threading
 import time
 from collections.abc import Mapping
 
+import sentry_sdk
 from prometheus_client import CollectorRegistry
 
+from .alerts.pipeline import AlertPipeline
 from .check import Checker
 from .config import Config, ConfigError, load_config
 from .deadline import WATCHDOG
@@ -45,9 +47,21 @@ class Exporter:
         self.checker = Checker(self.limits)
         self.scheduler = Scheduler(self.store, self.checker, self.metrics,
                                    workers=config.checks.concurrency,
-                                   auth_failure_max_interval=config.checks.auth_failure_max_interval)
+                                   auth_failure_max_interval=config.checks.auth_failure_max_interval,
+                                   on_error=sentry_sdk.capture_exception)  # no-op without a DSN
         self.inbox_metrics = InboxMetrics(config.metrics.expose_email)
+        self.alerts = AlertPipeline(config.alerting, self.metrics.alerts_sent, self._secrets)
+        self.metrics.alerts_firing.set_function(lambda: len(self.alerts.transitions.firing()))
+        self.store.on_record(self.alerts.on_record)
         self._adopt(config)
+
+    def _secrets(self) -> list[str]:
+        """Everything the Sentry scrubber must never let through."""
+        config = self.config
+        if config is None:
+            return []
+        out = [s for inbox in config.inboxes for s in inbox.secrets()]
+        return out + list(config.alerting.secrets())
 
     def _load(self) -> Config:
         return load_config(self.config_path, self._environ)
@@ -65,6 +79,7 @@ class Exporter:
 
     def stop(self, grace: float) -> bool:
         clean = self.scheduler.stop(grace)
+        self.alerts.stop()
         WATCHDOG.stop()
         return clean
 
@@ -84,6 +99,9 @@ class Exporter:
             self.limits.per_host = config.checks.max_connections_per_host
             self.scheduler.auth_failure_max_interval = config.checks.auth_failure_max_interval
             self.inbox_metrics.expose_email = config.metrics.expose_email
+            self.alerts.configure(config.alerting)
+            if old is not None:
+                self.alerts.forget({i.name for i in old.inboxes} - {i.name for i in config.inboxes})
             self.scheduler.apply(config)
             self._adopt(config)
             log.info("config reloaded", extra={"inboxes": len(config.inboxes)})

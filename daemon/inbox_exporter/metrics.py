@@ -166,6 +166,12 @@ class ExporterMetrics:
             "Delay between a check's scheduled time and its start.",
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry)
         self.checks = Counter("inbox_exporter_checks", "Checks completed.", registry=registry)
+        self.alerts_sent = Counter(
+            "inbox_exporter_alerts_sent", "Alert notifications by sink and result "
+            "(success, failure after retries or a permanent error, dropped from a full queue).",
+            ["sink", "result"], registry=registry)
+        self.alerts_firing = Gauge("inbox_exporter_alerts_firing",
+                                   "Inboxes with an alert firing now.", registry=registry)
 
     def observe(self, result: CheckResult, provider: str) -> None:
         self.checks.inc()
