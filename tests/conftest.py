@@ -99,3 +99,12 @@ def lab_inbox(lab):
         return make_inbox(**base)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def alertmanager(tmp_path_factory):
+    """A real Alertmanager (Debian prometheus-alertmanager) on loopback, clustering off."""
+    from .services import Alertmanager
+
+    with Alertmanager(tmp_path_factory.mktemp("alertmanager")) as am:
+        yield am

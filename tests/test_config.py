@@ -148,6 +148,7 @@ def test_the_example_config_is_valid_and_shows_the_real_defaults():
         assert shown == field.default, key
     # every key the models accept is shown (and so documented) in the example
     for model in (cfg.InboxModel, cfg.DefaultsModel, cfg.ServerModel, cfg.TestEmailModel,
-                  cfg.ChecksModel, cfg.MetricsModel):
+                  cfg.ChecksModel, cfg.MetricsModel, cfg.AlertingModel, cfg.SentryModel,
+                  cfg.AlertmanagerModel, cfg.WebhookModel):
         for key in model.model_fields:
             assert re.search(rf"^\s*(- )?#? ?{key}:", example, re.M), f"{model.__name__}.{key}"

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import Counter
 
 from ..config import Alerting
+from ..model import CheckResult
 from ..store import InboxState
 from . import sentry
 from .alertmanager import AlertmanagerSink
@@ -59,10 +60,12 @@ class AlertPipeline:
 
     def on_record(self, previous: InboxState | None, state: InboxState) -> None:
         """Store listener: runs on the check's thread, so it must never block."""
-        if state.last is None or self._dispatcher is None:
-            return
-        alerts = self.transitions.observe(state.last, state.inbox.provider)
-        if alerts:
+        if state.last is not None:
+            self.observe(state.last, state.inbox.provider)
+
+    def observe(self, result: CheckResult, provider: str) -> None:
+        alerts = self.transitions.observe(result, provider)
+        if alerts and self._dispatcher is not None:
             self._dispatcher.submit(alerts)
 
     def forget(self, names: Iterable[str]) -> None:
