@@ -151,4 +151,4 @@ def test_the_example_config_is_valid_and_shows_the_real_defaults():
                   cfg.ChecksModel, cfg.MetricsModel, cfg.AlertingModel, cfg.SentryModel,
                   cfg.AlertmanagerModel, cfg.WebhookModel):
         for key in model.model_fields:
-            assert re.search(rf"^\s*(- )?#? ?{key}:", example, re.M), f"{model.__name__}.{key}"
+            assert re.search(rf"^\s*#?\s*(- )?{key}:", example, re.M), f"{model.__name__}.{key}"
