@@ -104,7 +104,7 @@ def lab_inbox(lab):
 @pytest.fixture(scope="session")
 def alertmanager(tmp_path_factory):
     """A real Alertmanager (Debian prometheus-alertmanager) on loopback, clustering off."""
-    from .services import Alertmanager
+    from maillab.promstack import Alertmanager
 
     with Alertmanager(tmp_path_factory.mktemp("alertmanager")) as am:
         yield am

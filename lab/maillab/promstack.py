@@ -1,4 +1,5 @@
-"""Real Prometheus and Alertmanager processes for the tests (Debian packages), on loopback."""
+"""Real Prometheus and Alertmanager processes (Debian packages) on loopback, for the tests and
+benchmarks of the alerting path: the monitoring side of the lab."""
 
 from __future__ import annotations
 
