@@ -25,6 +25,7 @@ import yaml  # noqa: E402
 from maillab import MailLab  # noqa: E402
 from maillab.promstack import Alertmanager  # noqa: E402
 
+from inbox_exporter import logs  # noqa: E402
 from inbox_exporter.daemon import Exporter  # noqa: E402
 
 
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=5.0)
     ap.add_argument("--threshold", type=int, default=2)
     args = ap.parse_args()
+    logs.setup("error")
     bound = args.threshold * args.interval + args.timeout
 
     with tempfile.TemporaryDirectory(prefix="inbox-bench-") as tmp, \

@@ -230,10 +230,11 @@ def test_credential_failures_back_off_and_a_success_restores_the_interval(daemon
                      checks={"auth_failure_max_interval": "3h"})
     lab.set_password("backoff", "rotated-password")
     intervals = []
-    for _ in range(3):
+    for _ in range(4):
         running.get("/probe?inbox=locked")
         intervals.append(running.value("inbox_check_interval_seconds", inbox="locked"))
-    assert intervals == [7200, 10800, 10800]  # doubling, capped
+    # the pace holds until the alert threshold (2 failures), then doubles, capped
+    assert intervals == [3600, 7200, 10800, 10800]
     lab.set_password("backoff", "right-password")
     running.get("/probe?inbox=locked")
     assert running.value("inbox_check_interval_seconds", inbox="locked") == 3600

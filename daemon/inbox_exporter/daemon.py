@@ -48,7 +48,8 @@ class Exporter:
         self.scheduler = Scheduler(self.store, self.checker, self.metrics,
                                    workers=config.checks.concurrency,
                                    auth_failure_max_interval=config.checks.auth_failure_max_interval,
-                                   on_error=sentry_sdk.capture_exception)  # no-op without a DSN
+                                   on_error=sentry_sdk.capture_exception,  # no-op without a DSN
+                                   backoff_after=config.alerting.failure_threshold)
         self.inbox_metrics = InboxMetrics(config.metrics.expose_email)
         self.alerts = AlertPipeline(config.alerting, self.metrics.alerts_sent, self._secrets)
         self.metrics.alerts_firing.set_function(lambda: len(self.alerts.transitions.firing()))
@@ -98,6 +99,7 @@ class Exporter:
                 log.warning("checks.concurrency changes take effect after a restart")
             self.limits.per_host = config.checks.max_connections_per_host
             self.scheduler.auth_failure_max_interval = config.checks.auth_failure_max_interval
+            self.scheduler.backoff_after = config.alerting.failure_threshold
             self.inbox_metrics.expose_email = config.metrics.expose_email
             self.alerts.configure(config.alerting)
             if old is not None:

@@ -7,7 +7,8 @@
   an inbox keeps its slot across restarts and reloads.
 - Credential failures (unauthorized, app_password_required) double the interval up to
   `auth_failure_max_interval`, so the monitor never locks an account; a success or a reload
-  of that inbox brings it back to its interval.
+  of that inbox brings it back to its interval. The doubling starts once the failures reach
+  the alerting threshold, so backing off never delays the alert.
 """
 
 from __future__ import annotations
@@ -46,9 +47,14 @@ class Scheduler:
     def __init__(self, store: Store, checker: Checker, metrics: ExporterMetrics,
                  workers: int = DEFAULT_WORKERS,
                  auth_failure_max_interval: float = DEFAULT_AUTH_FAILURE_MAX_INTERVAL,
-                 on_error: Callable[[BaseException], None] | None = None):
+                 on_error: Callable[[BaseException], None] | None = None,
+                 backoff_after: int = 2):
         self.store, self.checker, self.metrics = store, checker, metrics
         self.auth_failure_max_interval = auth_failure_max_interval
+        # Backing off starts once an alert could fire (failure_threshold failed checks), so a
+        # rotated password is reported within failure_threshold x interval: a couple of
+        # failed logins, far below any lockout policy.
+        self.backoff_after = backoff_after
         self._on_error = on_error
         self._sched = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=workers)},
@@ -150,8 +156,9 @@ class Scheduler:
             result = self.checker.check(inbox)
             self.metrics.observe(result, inbox.provider)
             state = self.store.get(inbox.name)
+            failures = 0 if result.ok else (state.consecutive_failures if state else 0) + 1
             effective = self._next_interval(inbox, state.effective_interval if state else None,
-                                            result)
+                                            result, failures)
             self.store.record(result, inbox, effective)
             if (state.effective_interval if state else None) != effective:
                 self._backoff(inbox, effective)
@@ -162,10 +169,12 @@ class Scheduler:
                 self._in_flight -= 1
                 self._idle.notify_all()
 
-    def _next_interval(self, inbox: Inbox, current: float | None,
-                       result: CheckResult) -> float | None:
+    def _next_interval(self, inbox: Inbox, current: float | None, result: CheckResult,
+                       failures: int) -> float | None:
         if not any(s.diagnosis.category in CREDENTIAL_CATEGORIES for s in result.failures):
             return None
+        if failures < self.backoff_after:
+            return None  # keep the pace until the alert has had its checks
         doubled = 2 * (current or inbox.interval)
         return min(max(doubled, inbox.interval), max(self.auth_failure_max_interval, inbox.interval))
 
