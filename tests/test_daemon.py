@@ -294,7 +294,7 @@ def test_stopping_leaves_no_thread_behind(tmp_path, lab):
     assert set(threading.enumerate()) - before == set()
 
 
-def run_daemon(config: Path, env: dict) -> tuple[subprocess.Popen, str]:
+def run_daemon(config: Path, env: dict, *extra: str) -> tuple[subprocess.Popen, str]:
     import socket
 
     with socket.socket() as s:
@@ -302,7 +302,7 @@ def run_daemon(config: Path, env: dict) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "inbox_exporter", "run", "--config.file", str(config),
-         "--web.listen-address", f"127.0.0.1:{port}", "--shutdown.grace-period", "10s"],
+         "--web.listen-address", f"127.0.0.1:{port}", "--shutdown.grace-period", "10s", *extra],
         env={**os.environ, "PYTHONPATH": str(ROOT / "daemon"), **env},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -441,3 +441,44 @@ def test_every_exported_metric_is_documented(daemon, lab):
     for name in names:
         # the parser strips _total from counters and _info from info metrics
         assert f"`{name}`" in docs or f"`{name}_total`" in docs or f"`{name}_info`" in docs, name
+
+
+def test_two_shards_check_disjoint_sets_of_inboxes_that_together_are_all(tmp_path, lab):
+    names = [f"shard-{i}" for i in range(10)]
+    config = write_config(tmp_path, lab, [{**lab_entry(lab, n), "interval": "1s"} for n in names])
+    env = {env_name(n): lab.users["alice"].password for n in names}
+    daemons = [run_daemon(config, {**env, "HOSTNAME": f"inbox-exporter-{i}"},
+                          "--shard.count", "2", "--shard.index", index)
+               for i, index in enumerate(("0", "hostname"))]  # index 1 from the pod name
+    try:
+        seen = []
+        for _, url in daemons:
+            def checked():
+                text = urllib.request.urlopen(url + "/metrics").read().decode()
+                ok = {s.labels["inbox"] for f in text_string_to_metric_families(text)
+                      for s in f.samples if s.name == "inbox_check_success" and s.value == 1}
+                configured = {s.labels["inbox"] for f in text_string_to_metric_families(text)
+                              for s in f.samples if s.name == "inbox_info"}
+                return configured if configured and ok == configured else None
+            deadline = time.monotonic() + 20
+            while (got := checked()) is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert got, "a shard did not check all of its inboxes"
+            seen.append(got)
+    finally:
+        for proc, _ in daemons:
+            proc.terminate()
+            proc.communicate(timeout=15)
+    assert seen[0].isdisjoint(seen[1])
+    assert seen[0] | seen[1] == set(names)
+    assert seen[0] and seen[1]  # 10 names: both shards get some (fixed by the hash)
+
+
+def test_shard_flags_are_checked():
+    from inbox_exporter.sharding import parse_shard
+
+    assert parse_shard(3, "hostname", "inbox-exporter-2").index == 2
+    for count, index, host in ((2, "2", None), (2, "x", None), (2, "hostname", "exporter"),
+                               (0, "0", None)):
+        with pytest.raises(ValueError):
+            parse_shard(count, index, host)

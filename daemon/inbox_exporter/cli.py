@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
                                           "(default: %(default)s)")
     run.add_argument("--shutdown.grace-period", dest="grace", default="20s", metavar="DURATION",
                      help="on SIGTERM, how long checks in flight may finish (default: %(default)s)")
+    run.add_argument("--shard.count", dest="shard_count", type=int, default=1, metavar="N",
+                     help="replicas sharing the config: each checks its share (default: 1)")
+    run.add_argument("--shard.index", dest="shard_index", default="0", metavar="I",
+                     help="this replica's index, 0..N-1, or 'hostname' for a StatefulSet "
+                          "pod's ordinal (default: 0)")
     return p
 
 
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from .run import run
 
-        return run(args.config_file, args.listen, args.grace)
+        return run(args.config_file, args.listen, args.grace, args.shard_count, args.shard_index)
     try:
         config = load_config(args.config_file)
     except ConfigError as e:

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 import sentry_sdk
 from prometheus_client import CollectorRegistry
@@ -25,6 +26,7 @@ from .limits import ConnectionLimits
 from .metrics import ExporterMetrics, InboxMetrics, render_inbox
 from .scheduler import Scheduler
 from .status import inbox_status
+from .sharding import Shard
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -34,9 +36,10 @@ HEARTBEAT_STALE = 30.0  # /-/healthy fails when the scheduler has not ticked for
 
 class Exporter:
     def __init__(self, config_path: str, registry: CollectorRegistry | None = None,
-                 environ: Mapping[str, str] | None = None):
+                 environ: Mapping[str, str] | None = None, shard: Shard = Shard()):
         self.config_path = config_path
         self._environ = environ
+        self.shard = shard
         self.registry = registry or CollectorRegistry()
         self.metrics = ExporterMetrics(self.registry)
         self.store = Store()
@@ -65,7 +68,9 @@ class Exporter:
         return out + list(config.alerting.secrets())
 
     def _load(self) -> Config:
-        return load_config(self.config_path, self._environ)
+        """The config, with this replica's share of the inboxes (the whole file is validated)."""
+        config = load_config(self.config_path, self._environ)
+        return replace(config, inboxes=tuple(i for i in config.inboxes if self.shard.owns(i.name)))
 
     def _adopt(self, config: Config) -> None:
         self.config = config

@@ -14,6 +14,7 @@ import sys
 from . import __version__
 from .config import ConfigError, parse_duration
 from .daemon import Exporter
+from .sharding import parse_shard
 from .web import WebServer, parse_listen_address
 
 log = logging.getLogger(__name__)
@@ -21,15 +22,17 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_CONFIG, EXIT_UNCLEAN = 0, 2, 3
 
 
-def run(config_file: str, listen: str, grace: str) -> int:
+def run(config_file: str, listen: str, grace: str, shard_count: int = 1,
+        shard_index: str = "0") -> int:
     try:
         grace_seconds = parse_duration(grace)
         address = parse_listen_address(listen)
+        shard = parse_shard(shard_count, shard_index)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        exporter = Exporter(config_file)
+        exporter = Exporter(config_file, shard=shard)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -48,7 +51,8 @@ def run(config_file: str, listen: str, grace: str) -> int:
     server.start()
     host, port = server.server_address[:2]
     log.info("inbox-exporter started", extra={"version": __version__, "listen": f"{host}:{port}",
-                                              "inboxes": len(exporter.config.inboxes)})
+                                              "inboxes": len(exporter.config.inboxes),
+                                              "shard": f"{shard.index}/{shard.count}"})
     while True:
         try:
             command = commands.get(timeout=1)
