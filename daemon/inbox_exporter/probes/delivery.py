@@ -1,0 +1,129 @@
+"""Finding the probe mail in a mailbox, and removing it — and only it.
+
+The exporter never deletes, moves or flags mail it did not send itself. A message is ours only
+when its X-Inbox-Exporter-Probe header holds a probe id of our format *and* its Message-ID is
+the one we build from that id (probes/smtp.py); every message is checked again, in the
+read-write session that changes it, before anything is changed. Removal is `\\Deleted` plus
+UID EXPUNGE of exactly those UIDs (UIDPLUS), else MOVE to the Trash folder; never a plain
+EXPUNGE, which would also purge the user's own `\\Deleted` mail. Without either, the probe
+mail stays.
+
+Search uses a single token of the id (HEADER search on the hex id): some servers' full-text
+search splits ids at dashes, so ours have none.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.parser import BytesHeaderParser
+
+from imapclient import IMAPClient
+
+from .smtp import PROBE_HEADER
+
+PROBE_ID = re.compile(r"^[0-9a-f]{32}$")
+# Folder names providers use when SPECIAL-USE (RFC 6154) is not offered.
+JUNK_NAMES = ("Junk", "Spam", "Junk E-mail", "Junk Email", "[Gmail]/Spam", "Bulk Mail", "INBOX.Junk",
+              "INBOX.Spam")
+TRASH_NAMES = ("Trash", "Deleted Items", "Deleted Messages", "[Gmail]/Trash", "INBOX.Trash")
+_HEADERS = f"BODY.PEEK[HEADER.FIELDS ({PROBE_HEADER} MESSAGE-ID RECEIVED)]"
+
+
+@dataclass(frozen=True)
+class Found:
+    folder: str
+    uid: int
+    internal_date: float  # when the server stored it (Unix time)
+    received: tuple[float, ...]  # Received: header timestamps, newest first
+
+
+def is_ours(headers: bytes, probe_id: str | None = None) -> bool:
+    """Our header with an id of our format, and the Message-ID we make of that id."""
+    msg = BytesHeaderParser().parsebytes(headers)
+    value = (msg.get(PROBE_HEADER) or "").strip()
+    if not PROBE_ID.match(value) or (probe_id is not None and value != probe_id):
+        return False
+    message_id = (msg.get("Message-ID") or "").strip()
+    return message_id.startswith(f"<inbox-exporter.{value}@") and message_id.endswith(">")
+
+
+def _special(client: IMAPClient, flag: bytes, names: tuple[str, ...]) -> str | None:
+    folders = client.list_folders()
+    for flags, _, name in folders:
+        if flag in flags:
+            return name
+    existing = {name.lower(): name for _, _, name in folders}
+    return next((existing[n.lower()] for n in names if n.lower() in existing), None)
+
+
+def junk_folder(client: IMAPClient) -> str | None:
+    return _special(client, b"\\Junk", JUNK_NAMES)
+
+
+def trash_folder(client: IMAPClient) -> str | None:
+    return _special(client, b"\\Trash", TRASH_NAMES)
+
+
+def _ours(client: IMAPClient, uids: list[int], probe_id: str | None) -> dict[int, dict]:
+    if not uids:
+        return {}
+    data = client.fetch(uids, [_HEADERS, "INTERNALDATE"])
+    key = next((k for d in data.values() for k in d if k.startswith(b"BODY[HEADER")), None)
+    return {uid: d for uid, d in data.items() if key and is_ours(d[key], probe_id)}
+
+
+def find(client: IMAPClient, folder: str, probe_id: str) -> Found | None:
+    """The probe mail in `folder`, read-only (EXAMINE); None if it is not there."""
+    client.select_folder(folder, readonly=True)
+    uids = client.search(["HEADER", PROBE_HEADER, probe_id])
+    for uid, d in _ours(client, uids, probe_id).items():
+        key = next(k for k in d if k.startswith(b"BODY[HEADER"))
+        return Found(folder, uid, _timestamp(d[b"INTERNALDATE"]), _received(d[key]))
+    return None
+
+
+def remove(client: IMAPClient, folder: str, probe_id: str | None, trash: str | None,
+           older_than: float | None = None) -> int:
+    """Remove our probe mail from `folder` (one id, or with probe_id None every probe mail of
+    ours older than `older_than` Unix time). Returns how many were removed."""
+    client.select_folder(folder, readonly=False)
+    criteria = ["HEADER", PROBE_HEADER, probe_id or ""]
+    ours = _ours(client, client.search(criteria), probe_id)
+    if older_than is not None:
+        ours = {u: d for u, d in ours.items() if _timestamp(d[b"INTERNALDATE"]) < older_than}
+    uids = sorted(ours)
+    if not uids:
+        return 0
+    caps = client.capabilities()
+    if b"UIDPLUS" in caps:
+        client.add_flags(uids, [b"\\Deleted"])
+        client.expunge(uids)  # UID EXPUNGE: exactly these, never the user's \Deleted mail
+    elif b"MOVE" in caps and trash and trash != folder:
+        client.move(uids, trash)
+    else:
+        return 0
+    return len(uids)
+
+
+def _timestamp(value) -> float:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:  # IMAPClient normalises to local time without tzinfo
+            return value.timestamp()
+        return value.astimezone(timezone.utc).timestamp()
+    return float(value)
+
+
+def _received(headers: bytes) -> tuple[float, ...]:
+    from email.utils import parsedate_to_datetime
+
+    msg = BytesHeaderParser().parsebytes(headers)
+    out = []
+    for line in msg.get_all("Received") or []:
+        _, _, date = line.rpartition(";")
+        try:
+            out.append(parsedate_to_datetime(date.strip()).timestamp())
+        except (TypeError, ValueError):
+            continue
+    return tuple(out)

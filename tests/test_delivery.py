@@ -1,0 +1,131 @@
+"""Finding the probe mail and removing only it, against the lab's real Dovecot and Postfix."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import ssl
+import time
+import uuid
+
+import pytest
+from imapclient import IMAPClient
+
+from inbox_exporter.check import Checker
+from inbox_exporter.probes import delivery
+from inbox_exporter.probes.smtp import PROBE_HEADER, probe_message
+
+from .conftest import make_inbox
+
+
+def login(lab, user: str) -> IMAPClient:
+    ctx = ssl.create_default_context(cafile=str(lab.ca_file))
+    client = IMAPClient(lab.host, port=lab.ports.imaps, ssl=True, ssl_context=ctx, timeout=10)
+    client.login(lab.users[user].address, lab.users[user].password)
+    return client
+
+
+def probe_mail(lab, to: str, probe_id: str | None = None) -> tuple[str, bytes]:
+    probe_id = probe_id or uuid.uuid4().hex
+    inbox = make_inbox(email=lab.users["alice"].address, test_email={"to": to})
+    return probe_id, probe_message(inbox, probe_id)
+
+
+def test_the_probe_mail_sent_by_a_check_is_found_by_its_id(lab, lab_inbox):
+    result = Checker().check(lab_inbox())
+    assert result.ok
+    sent_at = result.started_at
+    with login(lab, "bcc") as client:
+        deadline, found = time.monotonic() + 15, None
+        while found is None and time.monotonic() < deadline:
+            found = delivery.find(client, "INBOX", result.probe_id)
+            time.sleep(0.1)
+    assert found is not None
+    assert sent_at - 2 <= found.internal_date <= time.time() + 2
+    assert found.received and abs(found.received[0] - found.internal_date) < 5
+
+
+def test_the_junk_folder_is_found_by_special_use_and_searched(lab):
+    with login(lab, "bcc") as client:
+        assert delivery.junk_folder(client) == "Junk"
+        assert delivery.trash_folder(client) == "Trash"
+        probe_id, raw = probe_mail(lab, lab.users["bcc"].address)
+        client.append("Junk", raw)
+        assert delivery.find(client, "INBOX", probe_id) is None
+        assert delivery.find(client, "Junk", probe_id).folder == "Junk"
+        assert delivery.remove(client, "Junk", probe_id, None) == 1
+        assert delivery.find(client, "Junk", probe_id) is None
+
+
+def ordinary_mail(n: int, rng: random.Random) -> bytes:
+    subject = rng.choice(["Quarterly numbers", "inbox-exporter test email", "Re: invoice",
+                          f"Probe id: {uuid.uuid4().hex}", "Lunch?"])
+    extra = ""
+    kind = n % 10
+    if kind == 1:  # our header with an id of the wrong shape
+        extra = f"{PROBE_HEADER}: not-an-id-{n}\r\n"
+    elif kind == 2:  # our header and a good-looking id, but not our Message-ID: not ours
+        extra = f"{PROBE_HEADER}: {uuid.uuid4().hex}\r\n"
+    elif kind == 3:  # our Message-ID shape without our header
+        extra = ""
+    msg_id = f"<inbox-exporter.{uuid.uuid4().hex}@example.test>" if kind == 3 else f"<m{n}@example.test>"
+    return (f"From: someone{n}@example.net\r\nTo: keeper@example.test\r\nSubject: {subject}\r\n"
+            f"Message-ID: {msg_id}\r\n{extra}Date: Thu, 26 Nov 2026 10:00:00 +0000\r\n\r\n"
+            f"Body {n} {rng.random()}\r\n").encode()
+
+
+def snapshot(client: IMAPClient, folder: str) -> dict[int, tuple]:
+    """UID -> (flags, sha256 of the whole message). \\Recent is left out: it is not stored but
+    belongs to a session (RFC 3501 2.3.2), and any read-write SELECT by any client ends it."""
+    client.select_folder(folder, readonly=True)
+    uids = client.search(["ALL"])
+    data = client.fetch(uids, ["FLAGS", "BODY.PEEK[]"]) if uids else {}
+    return {uid: (tuple(sorted(f for f in d[b"FLAGS"] if f != b"\\Recent")),
+                  hashlib.sha256(d[b"BODY[]"]).hexdigest())
+            for uid, d in data.items()}
+
+
+@pytest.fixture
+def keeper(lab):
+    """A mailbox holding 200 ordinary messages in INBOX and Junk: some flagged \\Deleted or
+    \\Seen by their user, some with look-alike subjects, headers or Message-IDs."""
+    if "keeper" not in lab.users:
+        lab.add_user("keeper", "keeper-password")
+        rng = random.Random(7)
+        with login(lab, "keeper") as client:
+            for n in range(200):
+                folder = "Junk" if n % 4 == 0 else "INBOX"
+                flags = [b"\\Deleted"] if n % 7 == 0 else ([b"\\Seen"] if n % 3 == 0 else [])
+                client.append(folder, ordinary_mail(n, rng), flags=flags)
+    return lab.users["keeper"]
+
+
+def test_fifty_rounds_of_find_and_cleanup_leave_every_other_message_byte_for_byte(lab, keeper):
+    with login(lab, "keeper") as client:
+        before = {f: snapshot(client, f) for f in ("INBOX", "Junk")}
+        assert sum(len(s) for s in before.values()) >= 200
+        assert any(b"\\Deleted" in flags for flags, _ in before["INBOX"].values())
+        for n in range(50):
+            folder = "Junk" if n % 5 == 0 else "INBOX"
+            probe_id, raw = probe_mail(lab, keeper.address)
+            client.append(folder, raw)
+            assert delivery.find(client, folder, probe_id) is not None
+            assert delivery.remove(client, folder, probe_id, "Trash") == 1
+            if n % 10 == 9:  # the start-up sweep: stale probe mails of ours only
+                for f in ("INBOX", "Junk"):
+                    assert delivery.remove(client, f, None, "Trash", older_than=time.time() + 60) == 0
+        after = {f: snapshot(client, f) for f in ("INBOX", "Junk")}
+    assert after == before
+
+
+def test_the_sweep_removes_stale_probe_mails_of_ours_and_nothing_else(lab, keeper):
+    with login(lab, "keeper") as client:
+        before = snapshot(client, "INBOX")
+        ids = []
+        for _ in range(3):
+            probe_id, raw = probe_mail(lab, keeper.address)
+            client.append("INBOX", raw)
+            ids.append(probe_id)
+        assert delivery.remove(client, "INBOX", None, "Trash", older_than=time.time() - 3600) == 0
+        assert delivery.remove(client, "INBOX", None, "Trash", older_than=time.time() + 60) == 3
+        assert snapshot(client, "INBOX") == before
