@@ -149,6 +149,6 @@ def test_the_example_config_is_valid_and_shows_the_real_defaults():
     # every key the models accept is shown (and so documented) in the example
     for model in (cfg.InboxModel, cfg.DefaultsModel, cfg.ServerModel, cfg.TestEmailModel,
                   cfg.ChecksModel, cfg.MetricsModel, cfg.AlertingModel, cfg.SentryModel,
-                  cfg.AlertmanagerModel, cfg.WebhookModel):
+                  cfg.AlertmanagerModel, cfg.WebhookModel, cfg.DeliveryModel):
         for key in model.model_fields:
             assert re.search(rf"^\s*#?\s*(- )?{key}:", example, re.M), f"{model.__name__}.{key}"

@@ -482,3 +482,33 @@ def test_shard_flags_are_checked():
                                (0, "0", None)):
         with pytest.raises(ValueError):
             parse_shard(count, index, host)
+
+
+def test_delivery_is_confirmed_off_the_check_and_kept_apart_from_send_failures(daemon, lab):
+    bob = lab.users["bob"]
+    running = daemon([
+        {**lab_entry(lab, "arrives"), "interval": "1h", "delivery": {"timeout": "10s"}},
+        {**lab_entry(lab, "lost"), "interval": "1h", "delivery": {"timeout": "2s", "mailbox": {
+            "host": lab.host, "port": lab.ports.imaps, "username": bob.address,
+            "password": bob.password}}},
+        {**lab_entry(lab, "unsent"), "interval": "1h", "delivery": {"timeout": "2s"}},
+    ], {"unsent": "wrong-password"})
+    t0 = time.monotonic()
+    for name in ("arrives", "lost", "unsent"):
+        running.get(f"/probe?inbox={name}")
+    assert time.monotonic() - t0 < 5  # the checks did not wait for the deliveries
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (
+            math.isnan(running.value("inbox_delivery_success", inbox="arrives"))
+            or math.isnan(running.value("inbox_delivery_success", inbox="lost"))):
+        time.sleep(0.2)
+    assert running.value("inbox_delivery_success", inbox="arrives") == 1
+    assert 0 < running.value("inbox_delivery_duration_seconds", inbox="arrives") < 10
+    assert running.value("inbox_delivery_success", inbox="lost") == 0
+    assert running.value("inbox_failure_info", inbox="lost", step="delivery",
+                         category="delivery_failed", reason="delivery_timeout") == 1
+    # The send failed: that is test_email's (not even sent), never a delivery failure.
+    assert math.isnan(running.value("inbox_delivery_success", inbox="unsent"))
+    assert not [k for k in running.samples("inbox_failure_info")
+                if dict(k)["inbox"] == "unsent" and dict(k)["step"] == "delivery"]
+    assert running.value("inbox_delivery_latency_seconds_count", provider="other") >= 1

@@ -129,3 +129,72 @@ def test_the_sweep_removes_stale_probe_mails_of_ours_and_nothing_else(lab, keepe
         assert delivery.remove(client, "INBOX", None, "Trash", older_than=time.time() - 3600) == 0
         assert delivery.remove(client, "INBOX", None, "Trash", older_than=time.time() + 60) == 3
         assert snapshot(client, "INBOX") == before
+
+
+def delivery_inbox(lab, lab_inbox, **delivery):
+    return lab_inbox(delivery={"timeout": "10s", **delivery})
+
+
+def confirm(lab, inbox):
+    from inbox_exporter.confirm import DeliveryConfirmer
+    from inbox_exporter.limits import ConnectionLimits
+
+    limits = ConnectionLimits()
+    result = Checker(limits).check(inbox)
+    assert result.ok and result.sent_at, result.to_json()
+    confirmer = DeliveryConfirmer(limits, on_result=lambda *a: None)
+    try:
+        return result, confirmer.confirm_now(inbox, result.probe_id, result.sent_at)
+    finally:
+        confirmer.stop()
+
+
+def test_delivery_to_the_inbox_itself_is_confirmed_timed_and_cleaned_up(lab, lab_inbox):
+    inbox = delivery_inbox(lab, lab_inbox, mailbox="self")
+    assert inbox.test_email_to == lab.users["alice"].address  # sent to itself
+    result, found = confirm(lab, inbox)
+    assert found.step.status.value == "ok" and found.folder == "INBOX"
+    assert 0 < found.step.duration_seconds < 10
+    assert found.received_seconds is not None and found.received_seconds < 10
+    ids = [m[PROBE_HEADER] for m in lab.messages("alice")]
+    assert result.probe_id not in ids  # cleaned up
+
+
+def test_a_mail_that_never_arrives_is_a_delivery_timeout(lab, lab_inbox):
+    # The watched account (bob) is not where the mail goes (bcc): it never arrives there.
+    bob = lab.users["bob"]
+    inbox = delivery_inbox(lab, lab_inbox, timeout="2s", mailbox={
+        "host": lab.host, "port": lab.ports.imaps, "security": "ssl",
+        "username": bob.address, "password": bob.password})
+    _, found = confirm(lab, inbox)
+    d = found.step.diagnosis
+    assert (d.category.value, d.reason.value) == ("delivery_failed", "delivery_timeout")
+    assert 2 <= found.step.duration_seconds < 6
+
+
+def test_a_mail_filed_as_spam_is_delivered_to_junk_and_still_cleaned_up(lab, lab_inbox):
+    bcc = lab.users["bcc"]
+    inbox = lab_inbox(test_email={"to": f"bcc+Junk@{lab.domain}"}, delivery={
+        "timeout": "10s", "mailbox": {"host": lab.host, "port": lab.ports.imaps,
+                                      "security": "ssl", "username": bcc.address,
+                                      "password": bcc.password}})
+    result, found = confirm(lab, inbox)
+    d = found.step.diagnosis
+    assert (d.category.value, d.reason.value) == ("delivery_failed", "delivered_to_junk")
+    assert found.folder == "Junk"
+    with login(lab, "bcc") as client:
+        assert delivery.find(client, "Junk", result.probe_id) is None
+
+
+def test_the_check_command_shows_the_delivery_step(tmp_path, lab):
+    from .conftest import lab_entry, write_config
+    from .test_cli import run_cli
+
+    config = write_config(tmp_path, lab, [{**lab_entry(lab, "d"), "delivery": {"timeout": "10s"}}])
+    out = run_cli("check", "--config.file", str(config), "--output", "json",
+                  env={"PW_D": lab.users["alice"].password})
+    import json as _json
+
+    steps = _json.loads(out.stdout)["inboxes"][0]["steps"]
+    assert [s["step"] for s in steps][-2:] == ["test_email", "delivery"]
+    assert steps[-1]["status"] == "ok" and out.returncode == 0

@@ -61,7 +61,8 @@ class Checker:
 
         return CheckResult(inbox=inbox.name, started_at=started_at,
                            duration_seconds=self.clock() - t0, steps=tuple(steps),
-                           probe_id=probe_id, certificates=tuple(certificates))
+                           probe_id=probe_id, certificates=tuple(certificates),
+                           sent_at=smtp.accepted_at)
 
     def _guarded(self, inbox: Inbox, probe: Probe, deadline: Deadline,
                  chain: Sequence[tuple[Step, Callable[[float], None]]]) -> list[StepResult]:

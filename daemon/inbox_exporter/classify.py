@@ -33,6 +33,7 @@ STEP_CATEGORY: Mapping[Step, Category] = {
     Step.SMTP_CONNECT: Category.SMTP_SETTINGS_INCORRECT,
     Step.SMTP_LOGIN: Category.SMTP_SETTINGS_INCORRECT,
     Step.TEST_EMAIL: Category.TEST_EMAIL_FAILED,
+    Step.DELIVERY: Category.DELIVERY_FAILED,
 }
 
 # "The server settings are wrong" for the protocol of the step.
@@ -73,6 +74,9 @@ _TOO_MANY = (r"too many (simultaneous |concurrent )?connections|\[LIMIT\]"
 _APP_PASSWORD = r"application-specific password|app[- ]?password|\b5\.7\.9\b"
 
 RULES: tuple[Rule, ...] = (
+    # Delivery: the mail was sent; was it delivered, and where?
+    Rule(Reason.DELIVERY_TIMEOUT, Category.DELIVERY_FAILED, errors=(errors.DeliveryTimeout,)),
+    Rule(Reason.DELIVERED_TO_JUNK, Category.DELIVERY_FAILED, errors=(errors.DeliveredToJunk,)),
     # Certificates: their own category on either protocol.
     Rule(Reason.CERTIFICATE_EXPIRED, Category.CERTIFICATE_UNTRUSTED, errors=(_CERT,),
          text=r"expired"),
@@ -266,6 +270,12 @@ HINTS: Mapping[Reason, str] = {
                            "the {proto} server and port: most {proto} ports are {ports}.",
     Reason.TIMEOUT: "The {proto} server stopped answering within the step timeout. Check the "
                     "server's health, or raise timeout if it is just slow.",
+    Reason.DELIVERY_TIMEOUT: "The test email was accepted for sending but did not arrive in the "
+                             "watched mailbox in time. Check the mail server's queue and logs, "
+                             "filters or forwarding rules, and the delivery timeout.",
+    Reason.DELIVERED_TO_JUNK: "The test email arrived, but in the Junk folder: the provider flags "
+                              "this inbox's mail as spam. Check SPF, DKIM and DMARC for the "
+                              "sender's domain and the provider's spam settings.",
     Reason.UNKNOWN: "The server refused without saying why. Check the {proto} server and port "
                     "settings ({ports}) and the credentials; ask your IT team or provider what "
                     "the detail means.",
@@ -300,6 +310,8 @@ CATEGORY_DOCS: Mapping[Category, str] = {
     Category.APP_PASSWORD_REQUIRED: "The server demands an app-specific password (IMAP or SMTP).",
     Category.CERTIFICATE_UNTRUSTED: "The server's certificate is self-signed, expired, for "
                                     "another host, or from an unknown authority (IMAP or SMTP).",
+    Category.DELIVERY_FAILED: "The test email was sent but not found in the watched mailbox in "
+                              "time, or found in Junk (the optional `delivery` step).",
 }
 
 GUIDE_NAMES: Mapping[Category, str] = {
@@ -311,6 +323,7 @@ GUIDE_NAMES: Mapping[Category, str] = {
     Category.UNAUTHORIZED: "Unauthorized",
     Category.APP_PASSWORD_REQUIRED: "Unauthorized - app password needed",
     Category.CERTIFICATE_UNTRUSTED: "Unauthorized - SSL certificates not trusted",
+    Category.DELIVERY_FAILED: "(beyond the guide) delivery not confirmed",
 }
 
 

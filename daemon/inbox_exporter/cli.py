@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from . import __version__, logs
 from .check import Checker
+from .confirm import DeliveryConfirmer
 from .config import ConfigError, load_config
 from .limits import ConnectionLimits
+from .model import Status, Step, StepResult
 from .output import render_json, render_text
 
 EXIT_OK, EXIT_FAILING, EXIT_CONFIG = 0, 1, 2
@@ -85,9 +88,25 @@ def _check(config, args) -> int:
     if not inboxes:
         print(f"error: {config.source}: no inboxes configured", file=sys.stderr)
         return EXIT_CONFIG
-    checker = Checker(ConnectionLimits(config.checks.max_connections_per_host))
-    with ThreadPoolExecutor(max_workers=max(1, min(args.parallel, len(inboxes)))) as pool:
-        results = list(pool.map(checker.check, inboxes))
+    limits = ConnectionLimits(config.checks.max_connections_per_host)
+    checker = Checker(limits)
+    confirmer = DeliveryConfirmer(limits, on_result=lambda inbox, result: None)
+
+    def check(inbox):
+        result = checker.check(inbox)
+        if inbox.delivery is None:
+            return result
+        if result.sent_at is None:
+            step = StepResult(Step.DELIVERY, Status.SKIPPED, note="not run: no test email sent")
+        else:
+            step = confirmer.confirm_now(inbox, result.probe_id, result.sent_at).step
+        return replace(result, steps=(*result.steps, step))
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(args.parallel, len(inboxes)))) as pool:
+            results = list(pool.map(check, inboxes))
+    finally:
+        confirmer.stop()
     print(render_json(results) if args.output == "json" else render_text(results))
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILING
 

@@ -93,6 +93,25 @@ class TestEmailModel(_Strict):
     subject: Annotated[str, BeforeValidator(_subject)] = "inbox-exporter test email"
 
 
+class DeliveryAccountModel(_Strict):
+    """An IMAP account of its own to watch (e.g. the CRM's BCC mailbox)."""
+
+    host: str
+    port: Port | None = None
+    security: Security | None = None
+    username: str
+    password_env: str | None = None
+    password_file: str | None = None
+    password: SecretStr | None = None
+
+
+class DeliveryModel(_Strict):
+    mailbox: Literal["self"] | DeliveryAccountModel = "self"
+    timeout: Duration = 120.0
+    folders: list[str] = ["INBOX"]
+    cleanup: bool = True
+
+
 class _Overridable(_Strict):
     """Keys that `defaults` sets for every inbox and an inbox may override."""
 
@@ -103,6 +122,7 @@ class _Overridable(_Strict):
     ca_file: str | None = None
     source_address: str | None = None
     test_email: TestEmailModel | None = None
+    delivery: DeliveryModel | None = None
 
 
 class DefaultsModel(_Overridable):
@@ -209,11 +229,31 @@ class Inbox:
     source_address: str | None
     test_email_to: str | None
     test_email_subject: str
+    delivery: "Delivery | None" = None
 
     def secrets(self) -> tuple[str, ...]:
         """Every form of the password a server could echo back, for redaction."""
-        password = self.password.get_secret_value()
-        return (password, sasl_plain(self.username, password), sasl_plain("", password))
+        logins = [(self.username, self.password)]
+        if self.delivery is not None:
+            logins.append((self.delivery.username, self.delivery.password))
+        out: list[str] = []
+        for user, secret in logins:
+            password = secret.get_secret_value()
+            out += [password, sasl_plain(user, password), sasl_plain("", password)]
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where the test email is looked for after sending."""
+
+    own: bool  # the inbox itself (its IMAP login); else an account of its own
+    imap: Endpoint
+    username: str
+    password: SecretStr
+    timeout: float
+    folders: tuple[str, ...]
+    cleanup: bool
 
 
 @dataclass(frozen=True)
@@ -372,6 +412,15 @@ def _resolve(model: ConfigModel, source: str, environ: Mapping[str, str]) -> tup
         if raw.ca_file is not None:
             _check_ca_file(raw.ca_file, f"{where}.ca_file", source)
         test_email: TestEmailModel | None = pick("test_email", None)
+        delivery = _delivery(pick("delivery", None), raw, imap, password, environ,
+                             f"{where}.delivery", source)
+        if delivery is not None and delivery.own:
+            # The probe goes to the inbox itself, where it is looked for.
+            test_email = TestEmailModel(to=raw.email, **({"subject": test_email.subject}
+                                                          if test_email else {}))
+        elif delivery is not None and test_email is None:
+            raise fail("test_email", "required with a delivery.mailbox account: the address "
+                                     "of the watched account")
         inboxes.append(Inbox(
             name=raw.name,
             email=raw.email,
@@ -388,6 +437,7 @@ def _resolve(model: ConfigModel, source: str, environ: Mapping[str, str]) -> tup
             source_address=pick("source_address", None),
             test_email_to=test_email.to if test_email else None,
             test_email_subject=test_email.subject if test_email else TestEmailModel.model_fields["subject"].default,
+            delivery=delivery,
         ))
     return tuple(inboxes)
 
@@ -449,7 +499,27 @@ def _endpoint(protocol: str, raw: ServerModel, preset: Endpoint | None, fail) ->
     return Endpoint(host, port or providers.DEFAULT_PORTS[(protocol, security)], security)
 
 
-def _password(raw: InboxModel, environ: Mapping[str, str], fail) -> SecretStr:
+def _delivery(model: DeliveryModel | None, raw: InboxModel, imap: Endpoint, password: SecretStr,
+              environ: Mapping[str, str], where: str, source: str) -> Delivery | None:
+    if model is None:
+        return None
+    common = {"timeout": model.timeout, "folders": tuple(model.folders), "cleanup": model.cleanup}
+    if model.mailbox == "self":
+        return Delivery(own=True, imap=imap, username=raw.username or raw.email,
+                        password=password, **common)
+    account = model.mailbox
+
+    def fail(key: str, message: str) -> ConfigError:
+        return ConfigError(f"{where}.mailbox.{key}", message, source)
+
+    endpoint = _endpoint("imap", ServerModel(host=account.host, port=account.port,
+                                             security=account.security), None, fail)
+    return Delivery(own=False, imap=endpoint, username=account.username,
+                    password=_password(account, environ, fail), **common)
+
+
+def _password(raw: InboxModel | DeliveryAccountModel, environ: Mapping[str, str],
+              fail) -> SecretStr:
     given = [k for k in ("password_env", "password_file", "password") if getattr(raw, k) is not None]
     if len(given) != 1:
         raise fail("password", "set exactly one of password_env, password_file, password"

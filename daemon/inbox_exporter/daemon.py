@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from .alerts.pipeline import AlertPipeline
 from .check import Checker
+from .confirm import DeliveryConfirmer
 from .config import Config, ConfigError, load_config
 from .deadline import WATCHDOG
 from .limits import ConnectionLimits
@@ -48,11 +49,14 @@ class Exporter:
         config = self._load()  # raises ConfigError: a bad config at start-up is fatal
         self.limits = ConnectionLimits(config.checks.max_connections_per_host)
         self.checker = Checker(self.limits)
+        self.confirmer = DeliveryConfirmer(self.limits, on_result=self._delivered)
         self.scheduler = Scheduler(self.store, self.checker, self.metrics,
                                    workers=config.checks.concurrency,
                                    auth_failure_max_interval=config.checks.auth_failure_max_interval,
                                    on_error=sentry_sdk.capture_exception,  # no-op without a DSN
-                                   backoff_after=config.alerting.failure_threshold)
+                                   backoff_after=config.alerting.failure_threshold,
+                                   on_sent=lambda inbox, result: self.confirmer.expect(
+                                       inbox, result.probe_id, result.sent_at))
         self.inbox_metrics = InboxMetrics(config.metrics.expose_email)
         self.alerts = AlertPipeline(config.alerting, self.metrics.alerts_sent, self._secrets)
         self.metrics.alerts_firing.set_function(lambda: len(self.alerts.transitions.firing()))
@@ -78,13 +82,25 @@ class Exporter:
         self.metrics.reload_timestamp.set(time.time())
         release_memory()
 
+    def _delivered(self, inbox, result) -> None:
+        if self.store.record_delivery(result, inbox) and result.step.status.value == "ok":
+            self.metrics.observe_delivery(result.step.duration_seconds, inbox.provider)
+
     def start(self) -> None:
         assert self.config is not None
         self.scheduler.start()
         self.scheduler.apply(self.config)
+        # Stale probe mails of ours (a crash, a restart mid-delivery): once per watched mailbox.
+        accounts = {}
+        for inbox in self.config.inboxes:
+            if inbox.delivery is not None:
+                accounts.setdefault((inbox.delivery.imap, inbox.delivery.username), inbox)
+        for inbox in accounts.values():
+            self.confirmer.sweep(inbox)
 
     def stop(self, grace: float) -> bool:
         clean = self.scheduler.stop(grace)
+        self.confirmer.stop()
         self.alerts.stop()
         WATCHDOG.stop()
         return clean

@@ -35,3 +35,11 @@ class MailboxUnavailable(ProbeError):
 
 class UnexpectedReply(ProbeError):
     """The server sent something that is not the protocol (garbage, wrong service on the port)."""
+
+
+class DeliveryTimeout(ProbeError):
+    """The test email was not found in the watched mailbox before the delivery timeout."""
+
+
+class DeliveredToJunk(ProbeError):
+    """The test email arrived, but in the Junk folder."""

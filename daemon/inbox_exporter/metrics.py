@@ -48,6 +48,8 @@ INBOX_FAMILIES: dict[str, tuple[str, str]] = {
     "inbox_failure_info": ("gauge", "The current failure of a step (value 1), with its category and reason; absent when the step is not failing."),
     "inbox_check_failures_total": ("counter", "Failed checks, by category and reason of their failures."),
     "inbox_tls_certificate_expiry_timestamp_seconds": ("gauge", "Unix time the server certificate seen in the last check expires."),
+    "inbox_delivery_success": ("gauge", "1 if the last test email was found in the watched mailbox's folders in time, 0 if not (timeout, Junk, watcher error); NaN until the first confirmation. Only for inboxes with `delivery`."),
+    "inbox_delivery_duration_seconds": ("gauge", "Time from the SMTP server accepting the last test email to finding it."),
     "inbox_tls_certificate_trusted": ("gauge", "1 if the server certificate seen in the last check was verified, 0 if not (or verification was disabled)."),
 }
 
@@ -97,6 +99,14 @@ def render_inbox(state: InboxState, expose_email: bool = False) -> dict[str, str
                 reason=result.diagnosis.reason.value)
     for (category, reason), count in sorted(state.failures_total.items()):
         add("inbox_check_failures_total", count, category=category.value, reason=reason.value)
+    if inbox.delivery is not None:
+        found = state.delivery
+        add("inbox_delivery_success", None if found is None else found.step.status is Status.OK)
+        add("inbox_delivery_duration_seconds", None if found is None else found.step.duration_seconds)
+        if found is not None and found.step.diagnosis is not None:
+            d = found.step.diagnosis
+            add("inbox_failure_info", 1, step=found.step.step.value, category=d.category.value,
+                reason=d.reason.value)
     for cert in (last.certificates if last else ()):
         if cert.not_after is not None:
             add("inbox_tls_certificate_expiry_timestamp_seconds", cert.not_after,
@@ -166,12 +176,20 @@ class ExporterMetrics:
             "Delay between a check's scheduled time and its start.",
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry)
         self.checks = Counter("inbox_exporter_checks", "Checks completed.", registry=registry)
+        self.delivery_latency = Histogram(
+            "inbox_delivery_latency_seconds",
+            "Time from the SMTP server accepting a test email to finding it, by provider.",
+            ["provider"], buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=registry)
         self.alerts_sent = Counter(
             "inbox_exporter_alerts_sent", "Alert notifications by sink and result "
             "(success, failure after retries or a permanent error, dropped from a full queue).",
             ["sink", "result"], registry=registry)
         self.alerts_firing = Gauge("inbox_exporter_alerts_firing",
                                    "Inboxes with an alert firing now.", registry=registry)
+
+    def observe_delivery(self, seconds: float, provider: str) -> None:
+        self.delivery_latency.labels(provider).observe(seconds)
 
     def observe(self, result: CheckResult, provider: str) -> None:
         self.checks.inc()

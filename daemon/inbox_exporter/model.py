@@ -25,10 +25,11 @@ class Step(StrEnum):
     SMTP_CONNECT = "smtp_connect"
     SMTP_LOGIN = "smtp_login"
     TEST_EMAIL = "test_email"
+    DELIVERY = "delivery"  # optional: the test email arrived (an IMAP search after sending)
 
     @property
     def protocol(self) -> Protocol:
-        return Protocol.IMAP if self.value.startswith("imap") else Protocol.SMTP
+        return Protocol.SMTP if self.value.startswith(("smtp", "test")) else Protocol.IMAP
 
 
 # The two independent chains: a failure inside one skips the rest of that chain only.
@@ -65,6 +66,7 @@ class Category(StrEnum):
     UNAUTHORIZED = "unauthorized"
     APP_PASSWORD_REQUIRED = "app_password_required"
     CERTIFICATE_UNTRUSTED = "certificate_untrusted"
+    DELIVERY_FAILED = "delivery_failed"  # beyond the guide: sent, but not (properly) delivered
 
 
 class Reason(StrEnum):
@@ -94,6 +96,8 @@ class Reason(StrEnum):
     SERVER_UNAVAILABLE = "server_unavailable"
     PROTOCOL_ERROR = "protocol_error"
     TIMEOUT = "timeout"
+    DELIVERY_TIMEOUT = "delivery_timeout"
+    DELIVERED_TO_JUNK = "delivered_to_junk"
     UNKNOWN = "unknown"
 
 
@@ -147,7 +151,7 @@ class CheckResult:
     steps: tuple[StepResult, ...]
     probe_id: str
     certificates: tuple[CertificateInfo, ...] = field(default_factory=tuple)
-
+    sent_at: float | None = None  # when the SMTP server accepted the test email
     @property
     def ok(self) -> bool:
         return not any(s.status is Status.FAILED for s in self.steps) and any(

@@ -48,7 +48,8 @@ class Scheduler:
                  workers: int = DEFAULT_WORKERS,
                  auth_failure_max_interval: float = DEFAULT_AUTH_FAILURE_MAX_INTERVAL,
                  on_error: Callable[[BaseException], None] | None = None,
-                 backoff_after: int = 2):
+                 backoff_after: int = 2,
+                 on_sent: Callable[[Inbox, CheckResult], None] | None = None):
         self.store, self.checker, self.metrics = store, checker, metrics
         self.auth_failure_max_interval = auth_failure_max_interval
         # Backing off starts once an alert could fire (failure_threshold failed checks), so a
@@ -56,6 +57,7 @@ class Scheduler:
         # failed logins, far below any lockout policy.
         self.backoff_after = backoff_after
         self._on_error = on_error
+        self._on_sent = on_sent  # a test email went out: the delivery step takes it from here
         self._sched = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=workers)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -160,6 +162,8 @@ class Scheduler:
             effective = self._next_interval(inbox, state.effective_interval if state else None,
                                             result, failures)
             self.store.record(result, inbox, effective)
+            if self._on_sent and inbox.delivery is not None and result.sent_at is not None:
+                self._on_sent(inbox, result)
             if (state.effective_interval if state else None) != effective:
                 self._backoff(inbox, effective)
             return result

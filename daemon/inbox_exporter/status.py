@@ -51,6 +51,10 @@ def inbox_status(state: InboxState, next_run: float | None) -> dict:
         "last_success": _iso(state.last_success_at),
         "next_run": _iso(next_run),
         "steps": [{**s.to_json(), "note": s.note} for s in last.steps] if last else [],
+        "delivery": None if state.delivery is None else {
+            **state.delivery.step.to_json(), "probe_id": state.delivery.probe_id,
+            "folder": state.delivery.folder,
+            "received_seconds": state.delivery.received_seconds},
         "certificates": [
             {"protocol": c.protocol.value, "trusted": c.trusted, "expires": _iso(c.not_after)}
             for c in (last.certificates if last else ())],

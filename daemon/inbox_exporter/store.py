@@ -10,9 +10,13 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from .config import Inbox
-from .model import Category, CheckResult, Reason
+from .model import Category, CheckResult
+
+if TYPE_CHECKING:
+    from .confirm import DeliveryResult
 
 HISTORY = 20  # recent results kept per inbox, plus as many of the failures among older ones
 
@@ -30,6 +34,7 @@ class InboxState:
     old_failures: tuple[CheckResult, ...] = ()  # failures that scrolled out of `history`
     next_run_at: float | None = None
     effective_interval: float | None = None  # longer than inbox.interval while backing off
+    delivery: "DeliveryResult | None" = None  # the last confirmed (or failed) delivery
     version: int = 0  # bumped on every change: lets renderers cache per inbox
 
     @property
@@ -99,6 +104,15 @@ class Store:
         for listener in listeners:
             listener(old, state)
         return state
+
+    def record_delivery(self, result: "DeliveryResult", inbox: Inbox) -> InboxState | None:
+        with self._lock:
+            old = self._states.get(result.inbox)
+            if old is None or old.inbox != inbox:
+                return None
+            state = replace(old, delivery=result, version=old.version + 1)
+            self._states[result.inbox] = state
+            return state
 
     def set_next_run(self, name: str, at: float | None) -> None:
         with self._lock:

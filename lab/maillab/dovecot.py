@@ -174,6 +174,10 @@ class DovecotInstance:
         ]
         if s.lmtp_port:
             lines += [
+                # bcc+Junk@example.test is delivered into bcc's Junk folder: the lab's
+                # stand-in for a provider filing mail as spam (Postfix keeps the +detail).
+                "recipient_delimiter = +",
+                "lmtp_save_to_detail_mailbox = yes",
                 "service lmtp {",
                 "  inet_listener lmtp {",
                 f"    port = {s.lmtp_port}",

@@ -95,6 +95,9 @@ virtual_mailbox_domains = {self.domain}
 virtual_mailbox_maps = hash:{self.vmailbox}
 virtual_alias_maps =
 virtual_transport = lmtp:inet:127.0.0.1:{self.lmtp_port}
+# user+detail@ is user@ for the maps; LMTP gets the full address (Dovecot files it in the
+# folder named by the detail: bcc+Junk@ lands in Junk).
+recipient_delimiter = +
 lmtp_host_lookup = native
 
 # no syslog here: log to a file through the postlog service (master.cf)

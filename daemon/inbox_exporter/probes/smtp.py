@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import smtplib
 import socket
+import time
 from email.header import Header
 from email.utils import formatdate
 
@@ -69,6 +70,7 @@ class SmtpProbe(Probe):
         super().__init__(inbox, inbox.smtp)
         self.probe_id = probe_id
         self.smtp: _SMTP | None = None
+        self.accepted_at: float | None = None  # when the server took the test email
 
     def connect(self, timeout: float) -> None:
         ep = self.endpoint
@@ -123,6 +125,7 @@ class SmtpProbe(Probe):
         smtp = self._ready(timeout)
         smtp.sendmail(self.inbox.email, [self.inbox.test_email_to],
                       probe_message(self.inbox, self.probe_id))
+        self.accepted_at = time.time()
 
     def close(self) -> None:
         """QUIT when possible; always close the socket."""

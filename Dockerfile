@@ -1,0 +1,70 @@
+# inbox-exporter container image.
+#
+#   docker build -t inbox-exporter:0.1.0 .
+#   docker run --rm -p 9857:9857 -e SALES_PASSWORD=... \
+#     -v "$PWD/config.yaml:/etc/inbox-exporter/config.yaml:ro" inbox-exporter:0.1.0
+#
+# Two stages: the builder turns the source into a wheel (`pip wheel`) and installs that wheel
+# and its dependencies into a virtualenv at /opt/inbox-exporter; the runtime stage is a plain
+# python:3.11-slim image with that virtualenv copied in, no compiler, no build tools, no pip
+# cache, running as the non-root user 65532. The daemon handles SIGTERM itself, so it runs as
+# PID 1 without an init. It writes nothing to disk: run it with a read-only root filesystem.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- builder: wheel + virtualenv ------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS builder
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+WORKDIR /src
+# Only what the wheel is built from (.dockerignore keeps the rest out of the context).
+COPY pyproject.toml README.md ./
+COPY daemon/ daemon/
+
+# 1. the wheels: inbox-exporter itself (built from source) and every dependency;
+# 2. a virtualenv without pip or setuptools, populated from those wheels only (--no-index):
+#    the outer pip installs into it (--python), so the runtime image carries no installer.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+ && python -m venv --without-pip /opt/inbox-exporter \
+ && pip --python /opt/inbox-exporter/bin/python install --no-cache-dir --no-index \
+        --find-links /wheels /wheels/inbox_exporter-*.whl \
+ && /opt/inbox-exporter/bin/inbox-exporter --version
+
+# --- runtime --------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE}
+
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="inbox-exporter" \
+      org.opencontainers.image.description="Prometheus exporter that verifies connected inboxes over IMAP and SMTP, step by step, and says why one fails" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/inbox-exporter/inbox-exporter" \
+      org.opencontainers.image.url="https://github.com/inbox-exporter/inbox-exporter" \
+      org.opencontainers.image.documentation="https://github.com/inbox-exporter/inbox-exporter/blob/main/README.md" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.11-slim-bookworm"
+
+# A fixed, numeric non-root UID/GID (65532, as in distroless "nonroot"), so Kubernetes can
+# verify runAsNonRoot and the Helm chart's runAsUser matches.
+RUN groupadd --system --gid 65532 nonroot \
+ && useradd --system --no-log-init --uid 65532 --gid 65532 \
+        --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin nonroot
+
+COPY --from=builder /opt/inbox-exporter /opt/inbox-exporter
+
+ENV PATH=/opt/inbox-exporter/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+USER 65532:65532
+WORKDIR /
+EXPOSE 9857
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["inbox-exporter"]
+CMD ["run", "--config.file=/etc/inbox-exporter/config.yaml"]

@@ -1,0 +1,229 @@
+"""The optional `delivery` step: confirm the test email arrived, off the check workers.
+
+A check ends when the test email is accepted; the confirmation is a separate, later result.
+A check worker therefore never waits minutes for a mail: pending deliveries sit in one heap
+ordered by their next poll, and a small pool polls them. A poll is one short IMAP session
+(connect, login, SEARCH HEADER on the probe id in the watched folders and Junk, cleanup,
+LOGOUT), taken within the same per-account and per-host caps as the checks, then released:
+the account is never held between polls. Polls back off (0.5 s doubling to 15 s) until the
+delivery timeout. At 1,000 inboxes that is a few polls per delivery on 4 threads, instead of
+1,000 threads blocked in waits.
+
+IDLE is not used: it would hold the account's one connection for the whole wait, and the
+checks of that account would queue behind it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from . import errors
+from .classify import Context, classify
+from .config import Inbox
+from .deadline import WATCHDOG
+from .limits import ConnectionLimits
+from .model import Phase, Status, Step, StepResult
+from .probes import delivery
+from .probes.base import CLOSE_TIMEOUT
+from .probes.imap import ImapProbe
+
+log = logging.getLogger(__name__)
+
+FIRST_POLL = 0.5
+MAX_POLL = 15.0
+SWEEP_AGE = 3600.0  # probe mails of ours older than this are removed at start
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    inbox: str
+    probe_id: str
+    step: StepResult  # duration_seconds: found - accepted by the SMTP server
+    received_seconds: float | None = None  # last Received: header - accepted, when present
+    folder: str | None = None
+
+
+@dataclass(order=True)
+class _Pending:
+    due: float
+    seq: int
+    inbox: Inbox = None  # type: ignore[assignment]
+    probe_id: str = ""
+    accepted_at: float = 0.0
+    deadline: float = 0.0
+    backoff: float = FIRST_POLL
+
+
+def watched(inbox: Inbox) -> Inbox:
+    """The inbox as seen by the watcher: the watched account's server and login."""
+    d = inbox.delivery
+    assert d is not None
+    return replace(inbox, imap=d.imap, username=d.username, password=d.password)
+
+
+class DeliveryConfirmer:
+    def __init__(self, limits: ConnectionLimits, on_result: Callable[[Inbox, DeliveryResult], None],
+                 workers: int = 4, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
+        self.limits, self.on_result = limits, on_result
+        self._clock, self._wall = clock, wall
+        self._heap: list[_Pending] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="delivery")
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="delivery-confirmer", daemon=True)
+        self._thread.start()
+
+    def expect(self, inbox: Inbox, probe_id: str, accepted_at: float) -> None:
+        """A test email was accepted: start looking for it."""
+        assert inbox.delivery is not None
+        now = self._clock()
+        p = _Pending(now + FIRST_POLL, next(self._seq), inbox, probe_id, accepted_at,
+                     now + inbox.delivery.timeout)
+        with self._cond:
+            heapq.heappush(self._heap, p)
+            self._cond.notify()
+
+    def sweep(self, inbox: Inbox) -> None:
+        """At start: remove stale probe mails of ours from the watched folders."""
+        self._pool.submit(self._sweep, inbox)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                now = self._clock()
+                if not self._heap or self._heap[0].due > now:
+                    self._cond.wait(None if not self._heap else self._heap[0].due - now)
+                    continue
+                p = heapq.heappop(self._heap)
+            self._pool.submit(self._poll, p)
+
+    def _again(self, p: _Pending) -> None:
+        p.backoff = min(p.backoff * 2, MAX_POLL)
+        p.due = min(self._clock() + p.backoff, p.deadline)
+        with self._cond:
+            heapq.heappush(self._heap, p)
+            self._cond.notify()
+
+    def _poll(self, p: _Pending) -> None:
+        try:
+            result = self.poll_once(p.inbox, p.probe_id, p.accepted_at,
+                                    final=self._clock() >= p.deadline)
+        except Exception:  # noqa: BLE001 - our bug: report it, do not lose the worker
+            log.exception("delivery poll crashed", extra={"inbox": p.inbox.name})
+            return
+        if result is None:
+            self._again(p)
+        else:
+            self.on_result(p.inbox, result)
+
+    def confirm_now(self, inbox: Inbox, probe_id: str, accepted_at: float) -> DeliveryResult:
+        """Synchronous (the `check` command): poll with backoff until found or timed out."""
+        assert inbox.delivery is not None
+        deadline, backoff = self._clock() + inbox.delivery.timeout, FIRST_POLL
+        while True:
+            time.sleep(min(backoff, max(0.0, deadline - self._clock())))
+            result = self.poll_once(inbox, probe_id, accepted_at, final=self._clock() >= deadline)
+            if result is not None:
+                return result
+            backoff = min(backoff * 2, MAX_POLL)
+
+    def poll_once(self, inbox: Inbox, probe_id: str, accepted_at: float,
+                  final: bool) -> DeliveryResult | None:
+        """One look. None: not there yet (and not final)."""
+        d = inbox.delivery
+        assert d is not None
+        target = watched(inbox)
+        slot = self.limits.acquire("imap", d.imap.host, {d.username}, timeout=1.0)
+        if slot is None:
+            return None if not final else self._failed(
+                inbox, probe_id, errors.DeliveryTimeout("no connection slot for the watcher"),
+                Phase.COMMAND, accepted_at)
+        probe = ImapProbe(target)
+        try:
+            probe.connect(inbox.timeout)
+            probe.login(inbox.timeout)
+            client = probe.client
+            junk = delivery.junk_folder(client)
+            folders = [f for f in (*d.folders, junk) if f]
+            for folder in dict.fromkeys(folders):
+                found = delivery.find(client, folder, probe_id)
+                if found is None:
+                    continue
+                now = self._wall()
+                if d.cleanup:
+                    delivery.remove(client, folder, probe_id, delivery.trash_folder(client))
+                received = found.received[0] - accepted_at if found.received else None
+                if folder == junk:
+                    return self._failed(inbox, probe_id, errors.DeliveredToJunk(
+                        f"found in {folder} after {now - accepted_at:.1f}s"), Phase.COMMAND,
+                        accepted_at, folder=folder)
+                step = StepResult(Step.DELIVERY, Status.OK, max(0.0, now - accepted_at))
+                return DeliveryResult(inbox.name, probe_id, step, received, folder)
+            if not final:
+                return None
+            return self._failed(inbox, probe_id, errors.DeliveryTimeout(
+                f"not found in {', '.join(dict.fromkeys(folders))} within "
+                f"{d.timeout:g}s"), Phase.COMMAND, accepted_at)
+        except Exception as e:  # noqa: BLE001 - the watched server's trouble: a failed step
+            return self._failed(inbox, probe_id, e, probe.conn.phase, accepted_at)
+        finally:
+            with WATCHDOG.guard(CLOSE_TIMEOUT, probe.conn.abort):
+                probe.close()
+            self.limits.release(slot)
+
+    def _failed(self, inbox: Inbox, probe_id: str, exc: BaseException, phase: Phase,
+                accepted_at: float, folder: str | None = None) -> DeliveryResult:
+        d = inbox.delivery
+        assert d is not None
+        ctx = Context(d.imap.host, d.imap.port, d.imap.security, inbox.provider)
+        diagnosis = classify(Step.DELIVERY, exc, phase, ctx, inbox.secrets())
+        log.warning("step failed", extra={"inbox": inbox.name, "step": Step.DELIVERY.value,
+                                           "category": diagnosis.category.value,
+                                           "reason": diagnosis.reason.value,
+                                           "detail": diagnosis.detail})
+        step = StepResult(Step.DELIVERY, Status.FAILED, max(0.0, self._wall() - accepted_at),
+                          diagnosis)
+        return DeliveryResult(inbox.name, probe_id, step, None, folder)
+
+    def _sweep(self, inbox: Inbox) -> None:
+        d = inbox.delivery
+        if d is None or not d.cleanup:
+            return
+        slot = self.limits.acquire("imap", d.imap.host, {d.username}, timeout=30.0)
+        if slot is None:
+            return
+        probe = ImapProbe(watched(inbox))
+        try:
+            probe.connect(inbox.timeout)
+            probe.login(inbox.timeout)
+            client = probe.client
+            trash = delivery.trash_folder(client)
+            for folder in dict.fromkeys(f for f in (*d.folders, delivery.junk_folder(client)) if f):
+                removed = delivery.remove(client, folder, None, trash,
+                                          older_than=self._wall() - SWEEP_AGE)
+                if removed:
+                    log.info("stale probe mails removed", extra={"inbox": inbox.name,
+                                                                 "folder": folder, "count": removed})
+        except Exception as e:  # noqa: BLE001 - a sweep is best effort; the next start retries
+            log.warning("sweep failed", extra={"inbox": inbox.name, "error": type(e).__name__})
+        finally:
+            probe.close()
+            self.limits.release(slot)

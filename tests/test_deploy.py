@@ -1,0 +1,648 @@
+"""The deployment artifacts, checked by the real tools: the Dockerfile with hadolint, the Helm
+chart with `helm lint --strict`, `helm template` and `kubernetes-validate --strict`, the
+Prometheus Operator objects against the shape of their CRDs, the PrometheusRule with promtool.
+Also: the chart's config is valid for the daemon, its flags are the daemon's, sharding renders a
+StatefulSet whose pods split the inboxes, the rules and the dashboard are the repository's files
+(symlinks, one source of truth), and the values schema rejects typos.
+
+The tools come from scripts/install-deploy-tools (into .venv); promtool from scripts/setup.
+Nothing is skipped: a missing tool fails with what to run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import certifi
+import jsonschema
+import pytest
+import yaml
+
+from inbox_exporter.sharding import parse_shard
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+CHART = ROOT / "deploy" / "helm" / "inbox-exporter"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+RULES_LINK = ROOT / "deploy" / "prometheus" / "inbox-exporter.rules.yml"
+RULES_FILE = CHART / "files" / "inbox-exporter.rules.yml"
+DASHBOARD_LINK = CHART / "files" / "inbox-exporter.json"
+DASHBOARD = ROOT / "deploy" / "grafana" / "inbox-exporter.json"
+RELEASE, NAMESPACE = "rel", "mail"
+FULLNAME = f"{RELEASE}-inbox-exporter"
+KUBE_VERSION = "1.30.0"  # for `helm template` (Capabilities)
+# kubernetes-validate: the chart's floor (Chart.yaml kubeVersion), a middle and a recent one.
+VALIDATE_VERSIONS = ("1.25.0", "1.30.0", "1.33.0")
+UID = 65532
+INSTALL = "run scripts/install-deploy-tools"
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+# --- tools ----------------------------------------------------------------------------------
+
+def tool(name: str, hint: str = INSTALL) -> str:
+    """NAME from the virtualenv of this Python (where install-deploy-tools puts it), else PATH."""
+    venv = Path(sys.executable).parent / name
+    exe = str(venv) if venv.exists() else shutil.which(name)
+    if exe is None:
+        pytest.fail(f"{name} not found: {hint}", pytrace=False)
+    return exe
+
+
+def run(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}",
+                    pytrace=False)
+    return proc
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = run(tool("helm"), *args, check=False)
+    if "error evaluating symlink" in proc.stderr:
+        pytest.fail(f"the chart does not load: {DASHBOARD_LINK.relative_to(ROOT)} points to "
+                    f"{DASHBOARD.relative_to(ROOT)}, which must exist:\n{proc.stderr}",
+                    pytrace=False)
+    if check and proc.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}",
+                    pytrace=False)
+    return proc
+
+
+def values_args(values: Path | None) -> list[str]:
+    return ["-f", str(values)] if values else []
+
+
+@functools.cache
+def render(values: Path | None = None, *sets: str) -> tuple[dict, ...]:
+    """`helm template` -> the objects (parsed YAML documents)."""
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+            "--kube-version", KUBE_VERSION, *values_args(values)]
+    for s in sets:
+        args += ["--set", s]
+    out = helm(*args).stdout
+    return tuple(d for d in yaml.safe_load_all(out) if d)
+
+
+def find(objects, kind: str, name: str | None = None) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind
+            and (name is None or o["metadata"]["name"] == name)]
+
+
+def one(objects, kind: str, name: str | None = None) -> dict:
+    found = find(objects, kind, name)
+    assert len(found) == 1, (kind, name, [o["metadata"]["name"] for o in found])
+    return found[0]
+
+
+def workload(objects) -> dict:
+    [w] = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+    return w
+
+
+def container(objects) -> dict:
+    [c] = workload(objects)["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+ALL_VALUES = [None, *CI_VALUES]
+IDS = ["default", *(p.name.removesuffix("-values.yaml") for p in CI_VALUES)]
+by_values = pytest.mark.parametrize("values", ALL_VALUES, ids=IDS)
+
+
+def ci(name: str) -> Path:
+    path = CHART / "ci" / f"{name}-values.yaml"
+    assert path.exists(), path
+    return path
+
+
+def test_ci_values_files():
+    names = {p.name for p in CI_VALUES}
+    assert {"sharded-values.yaml", "existing-secret-values.yaml",
+            "everything-values.yaml"} <= names, names
+
+
+# --- Dockerfile -----------------------------------------------------------------------------
+
+def test_hadolint_no_warnings():
+    proc = run(tool("hadolint"), "--no-color", "--failure-threshold", "style", str(DOCKERFILE),
+               check=False)
+    assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
+
+
+def dockerfile_stages() -> list[list[str]]:
+    """Instructions per stage (from its FROM on), continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: list[list[str]] = []
+    for ln in (ln.strip() for ln in text.splitlines()):
+        if not ln or ln.startswith("#"):
+            continue
+        if ln.upper().startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(ln)
+    return stages
+
+
+def test_dockerfile_contract():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim-bookworm$", text, re.M)
+    builder, runtime = dockerfile_stages()[-2:]
+    assert builder[0].startswith("FROM ${PYTHON_IMAGE} AS builder"), builder[0]
+    assert runtime[0] == "FROM ${PYTHON_IMAGE}", runtime[0]
+    build = " ".join(builder)
+    assert "pip wheel" in build and "--no-cache-dir" in build and "python -m venv" in build
+    rt = "\n".join(runtime)
+    # the runtime stage gets the virtualenv and nothing else from the builder; no build tools
+    assert re.findall(r"^COPY .*", rt, re.M) == [
+        "COPY --from=builder /opt/inbox-exporter /opt/inbox-exporter"]
+    assert not re.search(r"apt-get|apk |gcc|build-essential|pip install", rt), rt
+    assert f"USER {UID}:{UID}" in runtime
+    assert 'ENTRYPOINT ["inbox-exporter"]' in runtime
+    assert 'CMD ["run", "--config.file=/etc/inbox-exporter/config.yaml"]' in runtime
+    assert "EXPOSE 9857" in runtime and "STOPSIGNAL SIGTERM" in runtime
+    assert "PYTHONDONTWRITEBYTECODE=1" in rt and "PYTHONUNBUFFERED=1" in rt
+    for label in ("title", "description", "version", "revision", "created", "licenses", "source"):
+        assert f"org.opencontainers.image.{label}=" in rt, label
+    # the entry point is the package's console script; the default command is a valid `run`
+    assert 'inbox-exporter = "inbox_exporter.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    assert_daemon_accepts(["run", "--config.file=/etc/inbox-exporter/config.yaml"])
+
+
+def test_dockerignore_keeps_the_context_small():
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "*"
+    assert {"!pyproject.toml", "!README.md", "!daemon/"} <= set(lines)
+    # everything the Dockerfile copies is let in
+    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", DOCKERFILE.read_text(), re.M):
+        for item in src.split():
+            assert f"!{item}" in lines, item
+
+
+# --- the daemon's view ----------------------------------------------------------------------
+
+@functools.cache
+def run_help() -> str:
+    return run(tool("inbox-exporter", "run scripts/setup"), "run", "--help").stdout
+
+
+def assert_daemon_accepts(args: list[str]) -> None:
+    """Every --flag the image/chart passes to `inbox-exporter run` is one of its flags."""
+    assert args[0] == "run", args
+    known = set(re.findall(r"(--[a-z][a-z.-]*)", run_help()))
+    for a in args[1:]:
+        flag = a.split("=", 1)[0]
+        assert flag in known, f"`inbox-exporter run` has no flag {flag} (known: {sorted(known)})"
+
+
+# --- Helm: lint, template, kubernetes-validate ------------------------------------------------
+
+def test_helm_is_v3():
+    out = helm("version", "--template", "{{.Version}}").stdout
+    assert out.startswith("v3."), out
+
+
+@by_values
+def test_helm_lint_strict(values):
+    proc = helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, *values_args(values))
+    assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout, proc.stdout
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+@by_values
+def test_kubernetes_validate_strict(values, tmp_path):
+    objects = [o for o in render(values) if o["kind"] not in CRD_KINDS]
+    path = tmp_path / "objects.yaml"
+    path.write_text(yaml.safe_dump_all(objects))
+    args = [tool("kubernetes-validate"), "--strict"]
+    for v in VALIDATE_VERSIONS:
+        args += ["-k", v]
+    proc = run(*args, str(path), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    # a kind without a schema is only a WARN for kubernetes-validate: not here
+    bad = [ln for ln in out.splitlines() if not ln.startswith("INFO ")]
+    assert not bad, out
+    assert out.count(" passed for resource ") == len(objects) * len(VALIDATE_VERSIONS), out
+
+
+# The Prometheus Operator CRDs (monitoring.coreos.com/v1) are unknown to kubernetes-validate:
+# the subset of their OpenAPI schemas that the chart uses, with no other field allowed, so a
+# misspelt or outdated field (e.g. metricRelabelConfigs) fails.
+def _obj(props: dict, required=()) -> dict:
+    return {"type": "object", "additionalProperties": False, "properties": props,
+            "required": list(required)}
+
+
+_STR, _MAP = {"type": "string"}, {"type": "object", "additionalProperties": {"type": "string"}}
+_LABEL_SELECTOR = _obj({"matchLabels": _MAP, "matchExpressions": {"type": "array", "items": _obj(
+    {"key": _STR, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+     "values": {"type": "array", "items": _STR}}, ["key", "operator"])}})
+_RELABEL = _obj({"sourceLabels": {"type": "array", "items": _STR}, "separator": _STR,
+                 "targetLabel": _STR, "regex": _STR, "modulus": {"type": "integer"},
+                 "replacement": _STR,
+                 "action": {"enum": ["replace", "Replace", "keep", "Keep", "drop", "Drop",
+                                     "hashmod", "HashMod", "labelmap", "LabelMap", "labeldrop",
+                                     "LabelDrop", "labelkeep", "LabelKeep", "lowercase",
+                                     "uppercase", "keepequal", "dropequal"]}})
+_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+                                          r"(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_META = _obj({"name": _STR, "namespace": _STR, "labels": _MAP, "annotations": _MAP},
+             ["name", "namespace"])
+CRD_SCHEMAS = {
+    "ServiceMonitor": _obj({
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
+        "metadata": _META,
+        "spec": _obj({
+            "jobLabel": _STR,
+            "namespaceSelector": _obj({"any": {"type": "boolean"},
+                                       "matchNames": {"type": "array", "items": _STR}}),
+            "selector": _LABEL_SELECTOR,
+            "endpoints": {"type": "array", "minItems": 1, "items": _obj({
+                "port": _STR, "path": _STR, "scheme": {"enum": ["http", "https"]},
+                "interval": _DURATION, "scrapeTimeout": _DURATION,
+                "honorLabels": {"type": "boolean"},
+                "relabelings": {"type": "array", "items": _RELABEL},
+                "metricRelabelings": {"type": "array", "items": _RELABEL}})},
+        }, ["selector", "endpoints"])}, ["apiVersion", "kind", "metadata", "spec"]),
+    "PrometheusRule": _obj({
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+        "metadata": _META,
+        "spec": _obj({"groups": {"type": "array", "minItems": 1, "items": _obj({
+            "name": {"type": "string", "minLength": 1}, "interval": _DURATION,
+            "limit": {"type": "integer"},
+            "rules": {"type": "array", "items": _obj({
+                "alert": _STR, "record": _STR, "expr": {"type": ["string", "integer"]},
+                "for": _DURATION, "keep_firing_for": _DURATION,
+                "labels": _MAP, "annotations": _MAP}, ["expr"])}}, ["name", "rules"])}},
+            ["groups"])}, ["apiVersion", "kind", "metadata", "spec"]),
+}
+
+
+@by_values
+def test_crds_have_the_operator_shape(values):
+    for obj in render(values):
+        if obj["kind"] in CRD_KINDS:
+            jsonschema.validate(obj, CRD_SCHEMAS[obj["kind"]])
+
+
+def test_every_kind_is_checked():
+    kinds = {o["kind"] for v in ALL_VALUES for o in render(v)}
+    assert kinds == {"ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget",
+                     "PrometheusRule", "Service", "ServiceAccount", "ServiceMonitor",
+                     "StatefulSet"}, kinds
+
+
+# --- the pod --------------------------------------------------------------------------------
+
+def parse_seconds(duration: str) -> float:
+    m = re.fullmatch(r"(\d+)s", duration)
+    assert m, duration
+    return float(m.group(1))
+
+
+@by_values
+def test_restricted_pod(values):
+    objects = render(values)
+    pod = workload(objects)["spec"]["template"]
+    spec, c = pod["spec"], container(objects)
+    psc, csc = spec["securityContext"], c["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] == UID
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert csc["readOnlyRootFilesystem"] is True and csc["allowPrivilegeEscalation"] is False
+    assert csc["capabilities"] == {"drop": ["ALL"]} and csc["runAsNonRoot"] is True
+    assert spec["automountServiceAccountToken"] is False
+    assert c["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/-/ready", "port": "http"}
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    [port] = c["ports"]
+    assert port["name"] == "http" and f"--web.listen-address=:{port['containerPort']}" in c["args"]
+    grace = [parse_seconds(a.split("=", 1)[1]) for a in c["args"]
+             if a.startswith("--shutdown.grace-period=")]
+    assert grace and spec["terminationGracePeriodSeconds"] > grace[0]
+    assert re.fullmatch(r"[0-9a-f]{64}", pod["metadata"]["annotations"]["checksum/config"])
+    # the configuration is mounted where --config.file points
+    assert "--config.file=/etc/inbox-exporter/config.yaml" in c["args"]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
+    assert mount["mountPath"] == "/etc/inbox-exporter" and mount["readOnly"] is True
+    vol = next(v for v in spec["volumes"] if v["name"] == "config")
+    source = vol.get("configMap") or vol.get("secret")
+    assert source["items"][0]["path"] == "config.yaml"
+    # every secret value reaches the pod from a Secret, never inline
+    for e in c.get("env", []):
+        assert "value" not in e, e
+    assert_daemon_accepts(c["args"])
+
+
+@by_values
+def test_selectors_match_the_pods(values):
+    objects = render(values)
+    pod_labels = workload(objects)["spec"]["template"]["metadata"]["labels"]
+    assert workload(objects)["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    for svc in find(objects, "Service"):
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+        assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        for obj in find(objects, kind):
+            sel = obj["spec"].get("selector") or obj["spec"]["podSelector"]
+            assert sel["matchLabels"].items() <= pod_labels.items(), kind
+
+
+def test_default_is_one_deployment():
+    objects = render()
+    dep = one(objects, "Deployment", FULLNAME)
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert not find(objects, "StatefulSet")
+    assert not [a for a in container(objects)["args"] if a.startswith("--shard.")]
+    assert [s["metadata"]["name"] for s in find(objects, "Service")] == [FULLNAME]
+    assert {o["kind"] for o in objects} == {"ConfigMap", "Deployment", "Service", "ServiceAccount"}
+
+
+def test_sharded_renders_a_statefulset():
+    objects = render(ci("sharded"))
+    shards = yaml.safe_load(ci("sharded").read_text())["shards"]
+    assert shards > 1
+    assert not find(objects, "Deployment")
+    sts = one(objects, "StatefulSet", FULLNAME)
+    assert sts["spec"]["replicas"] == shards
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    args = container(objects)["args"]
+    assert f"--shard.count={shards}" in args and "--shard.index=hostname" in args
+    headless = one(objects, "Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    # the daemon reads each pod's ordinal from its hostname (<statefulset>-<i>), and the pods
+    # split the inboxes: each one is checked by exactly one pod
+    pods = [parse_shard(shards, "hostname", f"{sts['metadata']['name']}-{i}")
+            for i in range(shards)]
+    assert [p.index for p in pods] == list(range(shards))
+    config = yaml.safe_load(one(objects, "ConfigMap", FULLNAME)["data"]["config.yaml"])
+    names = [i["name"] for i in config["inboxes"]] + [f"inbox-{n}" for n in range(200)]
+    for name in names:
+        assert sum(p.owns(name) for p in pods) == 1, name
+    assert all(any(p.owns(n) for n in names) for p in pods)  # no idle shard here
+
+
+def test_existing_secret():
+    values = yaml.safe_load(ci("existing-secret").read_text())
+    objects = render(ci("existing-secret"))
+    assert not find(objects, "ConfigMap"), "no config rendered when it comes from a Secret"
+    spec = workload(objects)["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["config"]["secret"] == {
+        "secretName": values["existingConfigSecret"],
+        "items": [{"key": values["configKey"], "path": "config.yaml"}]}
+    c = container(objects)
+    assert c["envFrom"] == values["envFrom"]
+    for m in values["extraSecretMounts"]:
+        assert vols[m["name"]]["secret"]["secretName"] == m["secretName"]
+        mount = next(x for x in c["volumeMounts"] if x["name"] == m["name"])
+        assert mount == {"name": m["name"], "mountPath": m["mountPath"], "readOnly": True}
+
+
+def test_checksum_follows_the_config():
+    ann = lambda objs: workload(objs)["spec"]["template"]["metadata"]["annotations"]
+    a, b = render(), render(None, "config.defaults.interval=5m")
+    assert ann(a)["checksum/config"] != ann(b)["checksum/config"]
+
+
+@pytest.mark.parametrize("values", [None, *(p for p in CI_VALUES if "existing" not in p.name)],
+                         ids=lambda v: v.name.removesuffix("-values.yaml") if v else "default")
+def test_config_is_valid_for_the_daemon(values, tmp_path):
+    """The rendered config.yaml passes `inbox-exporter check-config` with the pod's environment
+    (dummy secret values) and its secret files (dummy files in place of the mounts)."""
+    objects = render(values)
+    text = one(objects, "ConfigMap", FULLNAME)["data"]["config.yaml"]
+    c = container(objects)
+    env = {**os.environ, **{e["name"]: "https://key@sentry.example.com/1" if "DSN" in e["name"]
+                            else "dummy-secret" for e in c.get("env", [])}}
+    # the pod's mounts, emulated: secret mounts -> a dir of dummy files, CA -> a real PEM bundle
+    for m in c["volumeMounts"]:
+        if m["name"] == "config":
+            continue
+        local = tmp_path / m["name"]
+        local.mkdir()
+        for path in re.findall(re.escape(m["mountPath"]) + r"/[^\s\"']+", text):
+            target = local / Path(path).relative_to(m["mountPath"])
+            if path.endswith(".pem"):
+                target.write_text(Path(certifi.where()).read_text())
+            else:
+                target.write_text("dummy-password\n")
+        text = text.replace(m["mountPath"] + "/", f"{local}/")
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    proc = run(tool("inbox-exporter", "run scripts/setup"), "check-config",
+               "--config.file", str(config), env=env, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- Prometheus Operator objects ------------------------------------------------------------
+
+def test_servicemonitor_scrapes_each_pod_once():
+    objects = render(ci("everything"))
+    sm = one(objects, "ServiceMonitor", FULLNAME)
+    sel = sm["spec"]["selector"]
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+
+    def selected(svc):
+        labels = svc["metadata"]["labels"]
+        ok = sel["matchLabels"].items() <= labels.items()
+        for e in sel.get("matchExpressions", []):
+            ok &= (e["key"] in labels) == (e["operator"] == "Exists")
+        return ok
+
+    services = find(objects, "Service")
+    assert len(services) == 2  # the service and the StatefulSet's headless one
+    assert [s["metadata"]["name"] for s in services if selected(s)] == [FULLNAME]
+    [ep] = sm["spec"]["endpoints"]
+    assert ep["port"] == "http" and ep["path"] == "/metrics"
+    assert ep["relabelings"][0] == {"action": "replace", "targetLabel": "job",
+                                    "replacement": "inbox-exporter"}
+
+
+def test_rules_file_is_one_source_of_truth():
+    assert RULES_LINK.is_symlink() and not RULES_FILE.is_symlink()
+    assert os.readlink(RULES_LINK) == "../helm/inbox-exporter/files/inbox-exporter.rules.yml"
+    assert RULES_LINK.resolve() == RULES_FILE.resolve()
+
+
+def test_prometheusrule_is_the_shipped_rules(tmp_path):
+    rule = one(render(ci("everything")), "PrometheusRule", FULLNAME)
+    shipped = yaml.safe_load(RULES_LINK.read_text())
+    assert rule["spec"] == shipped  # groups and nothing else
+    assert rule["spec"]["groups"] == shipped["groups"] and len(shipped["groups"]) >= 2
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    run(tool("promtool", "install the Debian package `prometheus` (scripts/setup does)"),
+        "check", "rules", str(path))
+
+
+def test_prometheusrule_follows_the_job_name(tmp_path):
+    objects = render(None, "serviceMonitor.enabled=true", "prometheusRule.enabled=true",
+                     "serviceMonitor.jobName=mail-exporter")
+    sm, rule = one(objects, "ServiceMonitor"), one(objects, "PrometheusRule")
+    assert sm["spec"]["endpoints"][0]["relabelings"][0]["replacement"] == "mail-exporter"
+    text = yaml.safe_dump(rule["spec"])
+    assert 'job="inbox-exporter"' in RULES_LINK.read_text()
+    assert 'job="inbox-exporter"' not in text and 'up{job="mail-exporter"}' in text
+    path = tmp_path / "rules.yml"
+    path.write_text(text)
+    run(tool("promtool", "install the Debian package `prometheus` (scripts/setup does)"),
+        "check", "rules", str(path))
+
+
+def test_dashboard_configmap_is_the_repository_dashboard():
+    assert DASHBOARD_LINK.is_symlink()
+    assert os.readlink(DASHBOARD_LINK) == "../../../grafana/inbox-exporter.json"
+    assert DASHBOARD.exists(), f"{DASHBOARD.relative_to(ROOT)} is missing"
+    cm = one(render(ci("everything")), "ConfigMap", f"{FULLNAME}-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == "monitoring"
+    # Helm followed the symlink out of the chart: the ConfigMap holds the file, byte for byte
+    assert cm["data"]["inbox-exporter.json"] == DASHBOARD.read_text()
+    json.loads(cm["data"]["inbox-exporter.json"])
+
+
+def test_packaged_chart_carries_the_files(tmp_path):
+    """`helm package` follows both symlinks: a chart published from this repository holds the
+    rules and the dashboard themselves."""
+    helm("package", str(CHART), "--destination", str(tmp_path))
+    [tgz] = tmp_path.glob("inbox-exporter-*.tgz")
+    out = helm("template", RELEASE, str(tgz), "--namespace", NAMESPACE, "--kube-version",
+               KUBE_VERSION, "-f", str(ci("everything"))).stdout
+    objects = [d for d in yaml.safe_load_all(out) if d]
+    assert one(objects, "PrometheusRule")["spec"] == yaml.safe_load(RULES_FILE.read_text())
+    dashboard = one(objects, "ConfigMap", f"{FULLNAME}-dashboard")["data"]["inbox-exporter.json"]
+    assert dashboard == DASHBOARD.read_text()
+    with tarfile.open(tgz) as tar:
+        names = tar.getnames()
+    assert "inbox-exporter/files/inbox-exporter.json" in names
+    assert not [n for n in names if "/ci/" in n], names  # .helmignore
+
+
+def test_networkpolicy():
+    values = yaml.safe_load(ci("everything").read_text())["networkPolicy"]
+    np = one(render(ci("everything")), "NetworkPolicy", FULLNAME)["spec"]
+    assert np["policyTypes"] == ["Ingress", "Egress"]
+    [ingress] = np["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert ingress["from"] == values["ingress"]["from"]
+    ports = [{(p["port"], p["protocol"]) for p in rule["ports"]} for rule in np["egress"]]
+    assert ports[0] == {(53, "UDP"), (53, "TCP")}
+    assert ports[1] == {(p, "TCP") for p in values["egress"]["mail"]["ports"]}
+    assert {993, 143, 465, 587, 25} <= {p for p, _ in ports[1]}
+    assert ports[2] == {(p, "TCP") for p in values["egress"]["alerting"]["ports"]}
+    assert len(np["egress"]) == 3  # nothing else is allowed out
+    assert np["egress"][2]["to"] == values["egress"]["alerting"]["to"]
+
+
+def test_pdb():
+    pdb = one(render(ci("sharded")), "PodDisruptionBudget", FULLNAME)
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    pdb = one(render(ci("sharded"), "podDisruptionBudget.minAvailable=2"), "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 2 and "maxUnavailable" not in pdb["spec"]
+
+
+# --- what must fail -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting", [
+    "shard=2",                               # unknown top-level key (shards)
+    "serviceMonitor.enable=true",            # unknown nested key (enabled)
+    "image.tags=1.0",                        # unknown nested key (tag)
+    "config.inboxs[0].name=sales",           # unknown config section (inboxes)
+    "networkPolicy.egress.mail.port[0]=993",  # unknown nested key (ports)
+    "shards=0",                              # out of range
+    "log.format=text",                       # not an allowed value
+    "service.port=70000",                    # not a port
+])
+def test_schema_rejects_typos(setting):
+    proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION,
+                "--set", setting, check=False)
+    assert proc.returncode != 0, f"--set {setting} rendered:\n{proc.stdout[:500]}"
+    assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+
+
+def test_inline_password_is_rejected():
+    proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION,
+                "--set", "config.inboxes[0].name=sales",
+                "--set", "config.inboxes[0].password=hunter2", check=False)
+    assert proc.returncode != 0 and "config.inboxes[sales]: an inline `password`" in proc.stderr, \
+        proc.stderr
+
+
+def test_termination_grace_must_exceed_the_shutdown_grace():
+    proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION,
+                "--set", "terminationGracePeriodSeconds=20", check=False)
+    assert proc.returncode != 0 and "must be greater than shutdownGracePeriodSeconds" in proc.stderr
+
+
+def _resolve(schema: dict, node: dict) -> dict:
+    while "$ref" in node:
+        node = schema["definitions"][node["$ref"].rsplit("/", 1)[1]]
+    return node
+
+
+def _closed(node: dict) -> bool:
+    return node.get("type") == "object" and node.get("additionalProperties") is False
+
+
+def test_values_yaml_documents_every_knob():
+    """Every knob of values.yaml (a key of a chart-defined section, not a section itself) has a
+    comment right above it, and every key the schema allows is in values.yaml or named in one
+    of its comments."""
+    text = (CHART / "values.yaml").read_text()
+    lines = text.splitlines()
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    stack: list[tuple[int, str]] = []
+    seen, commented = set(), {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z_][\w.-]*):", line)
+        if not m or line.lstrip().startswith("#"):
+            continue
+        indent, key = len(m.group(1)), m.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = [k for _, k in stack] + [key]
+        stack.append((indent, key))
+        node = schema
+        for k in path[:-1]:  # only keys whose ancestors are all chart-defined sections
+            node = _resolve(schema, node)
+            if not _closed(node) or k not in node["properties"]:
+                break
+            node = node["properties"][k]
+        else:
+            node = _resolve(schema, node)
+            if not _closed(node):
+                continue
+            assert key in node["properties"], f"values.yaml:{i + 1}: {'.'.join(path)} not in schema"
+            seen.add(".".join(path))
+            commented[tuple(path)] = lines[i - 1].strip().startswith("#")
+            if _closed(_resolve(schema, node["properties"][key])):
+                continue  # a section: its knobs carry the comments
+            # the knob's own comment, or the one of a small section documented as a whole
+            # (deploymentStrategy: {type: Recreate})
+            first_child_of_commented = (len(path) > 1 and commented.get(tuple(path[:-1]))
+                                        and lines[i - 1].strip() == f"{path[-2]}:")
+            assert commented[tuple(path)] or first_child_of_commented, \
+                f"values.yaml:{i + 1}: {'.'.join(path)} has no comment"
+
+    def allowed(node, prefix=""):
+        node = _resolve(schema, node)
+        if not _closed(node):
+            return
+        for k, sub in node["properties"].items():
+            yield prefix + k
+            yield from allowed(sub, prefix + k + ".")
+
+    for key in allowed(schema):
+        if key != "global":
+            assert key in seen or re.search(rf"#.*\b{re.escape(key.rsplit('.', 1)[-1])}\b", text), \
+                f"{key} is neither in values.yaml nor mentioned in a comment"
