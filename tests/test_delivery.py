@@ -100,20 +100,28 @@ def keeper(lab):
     return lab.users["keeper"]
 
 
-def test_fifty_rounds_of_find_and_cleanup_leave_every_other_message_byte_for_byte(lab, keeper):
+def test_fifty_checks_with_delivery_leave_every_other_message_byte_for_byte(lab, lab_inbox, keeper):
+    from inbox_exporter.confirm import DeliveryConfirmer
+    from inbox_exporter.limits import ConnectionLimits
+
+    inbox = lab_inbox("keeper", delivery={"mailbox": "self", "timeout": "10s"})
+    limits = ConnectionLimits()
+    checker, confirmer = Checker(limits), DeliveryConfirmer(limits, on_result=lambda *a: None)
     with login(lab, "keeper") as client:
         before = {f: snapshot(client, f) for f in ("INBOX", "Junk")}
-        assert sum(len(s) for s in before.values()) >= 200
-        assert any(b"\\Deleted" in flags for flags, _ in before["INBOX"].values())
+    assert sum(len(s) for s in before.values()) >= 200
+    assert any(b"\\Deleted" in flags for flags, _ in before["INBOX"].values())
+    try:
         for n in range(50):
-            folder = "Junk" if n % 5 == 0 else "INBOX"
-            probe_id, raw = probe_mail(lab, keeper.address)
-            client.append(folder, raw)
-            assert delivery.find(client, folder, probe_id) is not None
-            assert delivery.remove(client, folder, probe_id, "Trash") == 1
-            if n % 10 == 9:  # the start-up sweep: stale probe mails of ours only
-                for f in ("INBOX", "Junk"):
-                    assert delivery.remove(client, f, None, "Trash", older_than=time.time() + 60) == 0
+            result = checker.check(inbox)
+            assert result.ok, result.to_json()
+            found = confirmer.confirm_now(inbox, result.probe_id, result.sent_at)
+            assert found.step.status.value == "ok" and found.folder == "INBOX"
+            if n % 10 == 9:
+                confirmer.sweep_now(inbox)  # what the daemon does at start: stale ones only
+    finally:
+        confirmer.stop()
+    with login(lab, "keeper") as client:
         after = {f: snapshot(client, f) for f in ("INBOX", "Junk")}
     assert after == before
 

@@ -94,7 +94,7 @@ class DeliveryConfirmer:
 
     def sweep(self, inbox: Inbox) -> None:
         """At start: remove stale probe mails of ours from the watched folders."""
-        self._pool.submit(self._sweep, inbox)
+        self._pool.submit(self.sweep_now, inbox)
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:
@@ -203,7 +203,7 @@ class DeliveryConfirmer:
                           diagnosis)
         return DeliveryResult(inbox.name, probe_id, step, None, folder)
 
-    def _sweep(self, inbox: Inbox) -> None:
+    def sweep_now(self, inbox: Inbox) -> None:
         d = inbox.delivery
         if d is None or not d.cleanup:
             return
