@@ -168,7 +168,17 @@ def test_delivery_to_the_inbox_itself_is_confirmed_timed_and_cleaned_up(lab, lab
     assert result.probe_id not in ids  # cleaned up
 
 
-def test_a_mail_that_never_arrives_is_a_delivery_timeout(lab, lab_inbox):
+def test_a_delivery_held_in_the_queue_past_the_timeout_is_a_delivery_timeout(lab, lab_inbox):
+    inbox = delivery_inbox(lab, lab_inbox, timeout="2s", mailbox="self")
+    with lab.held_delivery():
+        _, found = confirm(lab, inbox)
+    d = found.step.diagnosis
+    assert (d.category.value, d.reason.value) == ("delivery_failed", "delivery_timeout")
+    assert 2 <= found.step.duration_seconds < 6
+    assert "not found in INBOX, Junk" in d.detail
+
+
+def test_a_mail_that_goes_elsewhere_is_a_delivery_timeout(lab, lab_inbox):
     # The watched account (bob) is not where the mail goes (bcc): it never arrives there.
     bob = lab.users["bob"]
     inbox = delivery_inbox(lab, lab_inbox, timeout="2s", mailbox={

@@ -619,6 +619,16 @@ class MailLab:
             raise LabError(f"unknown log {which!r}; choose from {sorted(files)}")
         return tail_file(files[which], lines)
 
+    @contextlib.contextmanager
+    def held_delivery(self) -> Iterator[None]:
+        """Postfix accepts mail but keeps it queued (defer_transports) until the block ends."""
+        assert self._postfix is not None
+        self._postfix.hold_delivery(True)
+        try:
+            yield
+        finally:
+            self._postfix.hold_delivery(False)
+
     # ---------------------------------------------------------------- firewall
     @contextlib.contextmanager
     def blackhole(self, port: int | None = None) -> Iterator[int]:

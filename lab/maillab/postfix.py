@@ -244,6 +244,19 @@ delay_warning_time = 0h
                            f"{out.strip()}\n{self.log_excerpt()}")
         self.master_pid = pid
 
+    def hold_delivery(self, hold: bool) -> None:
+        """Hold mail for the lab domain in the queue (defer_transports = lmtp), or release it
+        and flush the queue: a delivery delayed as long as a test needs."""
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", ENV_MARKER: self.lab_id}
+        value = "lmtp" if hold else ""
+        for cmd in (["postconf", "-c", str(self.conf_dir), "-e", f"defer_transports={value}"],
+                    [POSTFIX, "-c", str(self.conf_dir), "reload"]):
+            code, out = run_tty(cmd, env=env, timeout=30)
+            if code != 0:
+                raise LabError(f"{' '.join(cmd)} failed (exit {code}): {out.strip()}")
+        if not hold:
+            run_tty(["postqueue", "-c", str(self.conf_dir), "-f"], env=env, timeout=30)
+
     def read_master_pid(self) -> int | None:
         try:
             pid = int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
