@@ -22,14 +22,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "daemon"), str(ROOT / "lab")]
+from benchlab import lab_inbox, version  # noqa: E402 - sets the import paths
 
 import yaml  # noqa: E402
 from maillab import MailLab  # noqa: E402
 
 from inbox_exporter.check import Checker  # noqa: E402
-from inbox_exporter.config import parse_config  # noqa: E402
 from inbox_exporter.model import ALL_STEPS, Step  # noqa: E402
 
 
@@ -110,13 +108,7 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="inbox-bench-") as tmp, MailLab(Path(tmp) / "lab") as lab:
-        alice = lab.users["alice"]
-        inbox = parse_config(yaml.safe_dump({"inboxes": [{
-            "name": "bench", "email": alice.address, "password": alice.password,
-            "imap": {"host": lab.host, "port": lab.ports.imaps, "security": "ssl"},
-            "smtp": {"host": lab.host, "port": lab.ports.submission, "security": "starttls"},
-            "ca_file": str(lab.ca_file), "test_email": {"to": lab.users["bcc"].address}}]}),
-            "bench", {}).inboxes[0]
+        inbox = lab_inbox(lab, test_email={"to": lab.users["bcc"].address})
         checker = Checker()
         blackbox = Blackbox(Path(tmp), lab.ca_file)
         target = f"{lab.host}:{lab.ports.imaps}"
@@ -142,7 +134,7 @@ def main() -> None:
             blackbox.stop()
 
     print(f"inbox-exporter check benchmark: {args.checks} healthy checks over loopback "
-          f"(IMAPS + submission/STARTTLS, real Dovecot {_version('dovecot')} / Postfix)")
+          f"(IMAPS + submission/STARTTLS, real Dovecot {version('dovecot')} / Postfix)")
     print(f"{'step':<16}{'median ms':>10}{'p90 ms':>10}{'max ms':>10}")
     for step, values in steps.items():
         med, p90, mx = quantiles(values)
@@ -162,12 +154,6 @@ def main() -> None:
           f"{theirs * 1e3:.2f} ms: ratio {ratio:.2f} (target <= 1.2): "
           f"{'PASS' if ratio <= 1.2 else 'FAIL'}")
 
-
-def _version(name: str) -> str:
-    try:
-        return subprocess.run([name, "--version"], capture_output=True, text=True).stdout.split()[0]
-    except (OSError, IndexError):
-        return "?"
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import collections
 import logging
 import re
 import secrets
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,6 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "daemon"), str(ROOT / "lab")]
+from benchlab import version  # noqa: E402
 
 import yaml  # noqa: E402
 from maillab import MailLab  # noqa: E402
@@ -548,7 +548,7 @@ def main() -> None:
     report = Report()
     started = time.monotonic()
     print(f"inbox-exporter connection caps: the real Exporter in-process against the lab "
-          f"(Dovecot {_version('dovecot')} / Postfix), connections counted by TCP proxies "
+          f"(Dovecot {version('dovecot')} / Postfix), connections counted by TCP proxies "
           f"on 127.0.0.1", flush=True)
     with tempfile.TemporaryDirectory(prefix="inbox-caps-") as tmp, \
             MailLab(Path(tmp) / "lab") as lab:
@@ -561,12 +561,6 @@ def main() -> None:
           f"{time.monotonic() - started:.0f} s in all")
     sys.exit(1 if report.failed else 0)
 
-
-def _version(name: str) -> str:
-    try:
-        return subprocess.run([name, "--version"], capture_output=True, text=True).stdout.split()[0]
-    except (OSError, IndexError):
-        return "?"
 
 
 if __name__ == "__main__":

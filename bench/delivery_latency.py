@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "daemon"), str(ROOT / "lab")]
+from benchlab import lab_inbox  # noqa: E402 - sets the import paths
 
-import yaml  # noqa: E402
 from maillab import MailLab  # noqa: E402
 
 from inbox_exporter import confirm, logs  # noqa: E402
 from inbox_exporter.check import Checker  # noqa: E402
-from inbox_exporter.config import parse_config  # noqa: E402
 from inbox_exporter.limits import ConnectionLimits  # noqa: E402
 
 
@@ -41,13 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     logs.setup("error")
     with tempfile.TemporaryDirectory(prefix="inbox-bench-") as tmp, MailLab(Path(tmp) / "lab") as lab:
-        alice = lab.users["alice"]
-        inbox = parse_config(yaml.safe_dump({"inboxes": [{
-            "name": "bench", "email": alice.address, "password": alice.password,
-            "imap": {"host": lab.host, "port": lab.ports.imaps, "security": "ssl"},
-            "smtp": {"host": lab.host, "port": lab.ports.submission, "security": "starttls"},
-            "ca_file": str(lab.ca_file), "delivery": {"mailbox": "self", "timeout": "30s"}}]}),
-            "bench", {}).inboxes[0]
+        inbox = lab_inbox(lab, delivery={"mailbox": "self", "timeout": "30s"})
         limits = ConnectionLimits()
         checker = Checker(limits)
         confirmer = confirm.DeliveryConfirmer(limits, on_result=lambda *a: None)

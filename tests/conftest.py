@@ -60,6 +60,19 @@ def lab_entry(lab, name: str, user: str = "alice", **extra) -> dict:
     return entry
 
 
+def wait_until(predicate, timeout: float = 10.0, what: str = "a condition"):
+    """Poll `predicate` until it returns something true; fail naming `what` at the deadline."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def env_name(inbox_name: str) -> str:
     return "PW_" + inbox_name.upper().replace("-", "_").replace(".", "_")
 

@@ -17,7 +17,7 @@ from inbox_exporter.config import parse_config
 from inbox_exporter.model import (Category, CheckResult, Diagnosis, Reason, Status, Step,
                                   StepResult)
 
-from .conftest import PASSWORD, env_name, lab_entry, write_config
+from .conftest import PASSWORD, env_name, lab_entry, wait_until, write_config
 from .httpcapture import Capture
 
 UNAUTHORIZED = (Category.UNAUTHORIZED, Reason.AUTH_FAILED, Step.IMAP_LOGIN)
@@ -89,22 +89,12 @@ def alert(status=FIRING, reason="auth_failed", inbox="sales") -> Alert:
                  ends_at=time.time() if status == RESOLVED else None)
 
 
-def wait(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    return predicate()
-
-
 def test_alertmanager_receives_the_alert_keeps_it_while_resent_and_ends_it(alertmanager):
     sink = AlertmanagerSink(alertmanager.url, resend_interval=1.0,
                             runbook_url="https://runbooks.example/inbox")
     inbox = f"am-{time.monotonic_ns()}"
     sink.send(alert(inbox=inbox))
-    got = wait(lambda: alertmanager.alerts(inbox=inbox))
+    got = wait_until(lambda: alertmanager.alerts(inbox=inbox))
     assert len(got) == 1
     a = got[0]
     assert a["labels"] == {"alertname": "InboxCheckFailing", "inbox": inbox,
@@ -115,13 +105,13 @@ def test_alertmanager_receives_the_alert_keeps_it_while_resent_and_ends_it(alert
     assert inbox in a["annotations"]["summary"]
     # A new reason is a new identity for Alertmanager: the old label set is ended.
     sink.send(alert(inbox=inbox, reason="app_password_required"))
-    assert wait(lambda: [x["labels"]["reason"] for x in alertmanager.alerts(inbox=inbox)]
+    assert wait_until(lambda: [x["labels"]["reason"] for x in alertmanager.alerts(inbox=inbox)]
                 == ["app_password_required"])
     time.sleep(3.5)  # past the first endsAt (now + 3 x 1 s): only re-sending keeps it alive
     sink.tick()
     assert len(alertmanager.alerts(inbox=inbox)) == 1
     sink.send(alert(inbox=inbox, status=RESOLVED, reason="app_password_required"))
-    assert wait(lambda: not alertmanager.alerts(inbox=inbox))
+    assert wait_until(lambda: not alertmanager.alerts(inbox=inbox))
 
 
 def counter() -> Counter:
@@ -206,7 +196,7 @@ def test_sentry_gets_one_issue_per_inbox_and_category_and_never_a_secret(tmp_pat
     # The daemon's own bug, with a secret in its message: scrubbed before it leaves.
     sentry_sdk.capture_exception(RuntimeError(f"bug while handling {PASSWORD}"))
     sentry_sdk.flush(5)
-    events = wait(lambda: len(envelopes(sentry_endpoint)) >= 3 and envelopes(sentry_endpoint))
+    events = wait_until(lambda: len(envelopes(sentry_endpoint)) >= 3 and envelopes(sentry_endpoint))
     p.stop()
     assert all(r["path"] == "/api/42/envelope/" for r in sentry_endpoint.requests)
     firing, resolved = [e for e in events if e.get("fingerprint")]

@@ -13,7 +13,7 @@ import pytest
 from inbox_exporter.daemon import Exporter
 from inbox_exporter.web import WebServer
 
-from .conftest import env_name, lab_entry, write_config
+from .conftest import env_name, lab_entry, wait_until, write_config
 from maillab.promstack import Prometheus
 
 ROOT = Path(__file__).parent.parent
@@ -26,16 +26,6 @@ def fast_rules(tmp_path: Path) -> Path:
     path = tmp_path / "rules.yml"
     path.write_text(text)
     return path
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture

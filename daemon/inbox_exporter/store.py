@@ -7,7 +7,7 @@ One lock guards it; readers get immutable snapshots. Results of inboxes no longe
 from __future__ import annotations
 
 import threading
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
