@@ -216,3 +216,33 @@ def test_the_check_command_shows_the_delivery_step(tmp_path, lab):
     steps = _json.loads(out.stdout)["inboxes"][0]["steps"]
     assert [s["step"] for s in steps][-2:] == ["test_email", "delivery"]
     assert steps[-1]["status"] == "ok" and out.returncode == 0
+
+
+def test_idle_sees_the_mail_as_it_lands_instead_of_at_the_next_poll(lab, lab_inbox):
+    import threading
+
+    from inbox_exporter.confirm import DeliveryConfirmer
+    from inbox_exporter.limits import ConnectionLimits
+
+    inbox = delivery_inbox(lab, lab_inbox, timeout="20s", mailbox="self")
+    limits = ConnectionLimits()
+    confirmer = DeliveryConfirmer(limits, on_result=lambda *a: None)
+    polls = []
+    real = confirmer.poll_once
+    confirmer.poll_once = lambda *a, **k: polls.append(1) or real(*a, **k)
+    held = lab.held_delivery()
+    held.__enter__()  # Postfix accepts the test email but keeps it queued...
+    try:
+        result = Checker(limits).check(inbox)
+        release = threading.Timer(2.0, held.__exit__, (None, None, None))  # ...for 2 s
+        release.start()
+        found = confirmer.confirm_now(inbox, result.probe_id, result.sent_at)
+        release.join()
+    finally:
+        confirmer.stop()
+    assert found.step.status.value == "ok"
+    assert found.step.duration_seconds > 1.9  # it really was held back
+    # One poll: it missed at 0.5 s, then IDLE announced the mail and the same session found it
+    # (without IDLE a miss ends the poll and the next one comes at 1.5 s, 3.5 s, 7.5 s ...).
+    assert len(polls) == 1
+    assert found.step.duration_seconds - found.received_seconds < 1.5  # seen as it landed

@@ -107,6 +107,20 @@ def remove(client: IMAPClient, folder: str, probe_id: str | None, trash: str | N
     return len(uids)
 
 
+def wait_for_new_mail(client: IMAPClient, folder: str, seconds: float) -> bool:
+    """IDLE (RFC 2177) on `folder` for up to `seconds`: True when new mail was announced.
+    False at once when the server does not offer IDLE."""
+    if b"IDLE" not in client.capabilities():
+        return False
+    client.select_folder(folder, readonly=True)
+    client.idle()
+    try:
+        responses = client.idle_check(timeout=seconds)
+    finally:
+        client.idle_done()
+    return any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses)
+
+
 def _timestamp(value) -> float:
     if isinstance(value, datetime):
         if value.tzinfo is None:  # IMAPClient normalises to local time without tzinfo
