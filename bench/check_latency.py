@@ -11,6 +11,7 @@ within 1.2x of the blackbox probe's.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import shutil
 import socket
@@ -79,15 +80,21 @@ class Blackbox:
         self.proc.wait(timeout=10)
 
 
+@functools.lru_cache(maxsize=1)
+def _plain_context(ca_file: str):
+    import ssl
+
+    return ssl.create_default_context(cafile=ca_file)  # once: loading trust stores costs ms
+
+
 def plain_check(lab, inbox) -> None:
     """The reference: the same verification written as a plain imapclient + smtplib script
     (no step timing, classification, deadlines or caps)."""
     import smtplib
-    import ssl
 
     from imapclient import IMAPClient
 
-    ctx = ssl.create_default_context(cafile=str(lab.ca_file))
+    ctx = _plain_context(str(lab.ca_file))
     password = inbox.password.get_secret_value()
     with IMAPClient(lab.host, port=lab.ports.imaps, ssl=True, ssl_context=ctx, timeout=10) as c:
         c.login(inbox.username, password)
