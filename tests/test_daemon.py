@@ -272,6 +272,7 @@ def test_health_readiness_and_the_status_api(daemon, lab):
     assert by_name["bad"]["category"] == "unauthorized"
     assert "credentials" in by_name["bad"]["hint"]
     assert by_name["good"]["next_run"] is not None
+    assert by_name["bad"]["history"][0]["reason"] == "auth_failed"
     assert PASSWORD not in body and PASSWORD not in running.get("/")
     with pytest.raises(urllib.error.HTTPError) as e:
         running.get("/probe?inbox=nope")

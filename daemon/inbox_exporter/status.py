@@ -55,10 +55,20 @@ def inbox_status(state: InboxState, next_run: float | None) -> dict:
             **state.delivery.step.to_json(), "probe_id": state.delivery.probe_id,
             "folder": state.delivery.folder,
             "received_seconds": state.delivery.received_seconds},
+        # Recent checks, and the failures that scrolled out of them: what happened before.
+        "history": [_summary(r) for r in (*state.history, *state.old_failures)],
         "certificates": [
             {"protocol": c.protocol.value, "trusted": c.trusted, "expires": _iso(c.not_after)}
             for c in (last.certificates if last else ())],
     }
+
+
+def _summary(result) -> dict:
+    first = result.failures[0] if result.failures else None
+    return {"started_at": _iso(result.started_at), "ok": result.ok,
+            "failing_step": first.step.value if first else None,
+            "category": first.diagnosis.category.value if first else None,
+            "reason": first.diagnosis.reason.value if first else None}
 
 
 def render_json(statuses: list[dict]) -> str:

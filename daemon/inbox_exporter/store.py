@@ -41,11 +41,6 @@ class InboxState:
     def interval(self) -> float:
         return self.effective_interval or self.inbox.interval
 
-    @property
-    def credential_failure(self) -> bool:
-        return self.last is not None and any(
-            s.diagnosis.category in CREDENTIAL_CATEGORIES for s in self.last.failures)
-
 
 class Store:
     def __init__(self) -> None:
