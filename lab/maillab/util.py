@@ -276,41 +276,38 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def pids_with_env(key: str, value: str) -> list[int]:
-    """Processes whose environment contains KEY=VALUE exactly."""
-    needle = f"{key}={value}".encode()
+def _pids_where(proc_file: str, matches) -> list[int]:
+    """Processes (other than this one) whose /proc/PID/<proc_file> satisfies `matches`."""
     found = []
     me = os.getpid()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                env = f.read()
+            with open(f"/proc/{entry.name}/{proc_file}", "rb") as f:
+                data = f.read()
         except OSError:
             continue
-        if needle in env.split(b"\0"):
+        if matches(data):
             found.append(int(entry.name))
     return found
+
+
+def pids_with_env(key: str, value: str) -> list[int]:
+    """Processes whose environment contains KEY=VALUE exactly."""
+    needle = f"{key}={value}".encode()
+    return _pids_where("environ", lambda env: needle in env.split(b"\0"))
 
 
 def pids_with_cmdline(*needles: str) -> list[int]:
     """Processes whose command line (args joined by spaces) contains one of
     `needles`.  Needed for Dovecot: its processes overwrite their environment
     area with the process title, so /proc/PID/environ shows no marker."""
-    found = []
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-        except OSError:
-            continue
-        if any(n in cmd for n in needles):
-            found.append(int(entry.name))
-    return found
+    def matches(raw: bytes) -> bool:
+        cmd = raw.replace(b"\0", b" ").decode("utf-8", "replace")
+        return any(n in cmd for n in needles)
+
+    return _pids_where("cmdline", matches)
 
 
 def is_alive(pid: int) -> bool:
