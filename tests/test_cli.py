@@ -81,9 +81,10 @@ def test_a_config_error_exits_2_with_one_line_naming_the_inbox(tmp_path):
 
 def test_check_config_accepts_the_example(tmp_path):
     out = run_cli("check-config", "--config.file", str(ROOT / "config.example.yaml"),
-                  env={"SALES_PASSWORD": "x", "SUPPORT_PASSWORD": "y"})
+                  env={"SALES_PASSWORD": "x", "SUPPORT_PASSWORD": "y",
+                       "M365_CLIENT_SECRET": "z", "SALES_M365_REFRESH_TOKEN": "t"})
     assert out.returncode == 0, out.stderr
-    assert "OK, 2 inboxes" in out.stdout
+    assert "OK, 3 inboxes" in out.stdout
 
 
 def test_the_password_never_appears_in_text_json_or_debug_logs(tmp_path, lab):

@@ -9,11 +9,12 @@ import pytest
 import yaml
 
 from inbox_exporter import config as cfg
-from inbox_exporter.config import ConfigError, parse_config
+from inbox_exporter.config import ConfigError, parse_config, schema
 
 TESTDATA = Path(__file__).parent / "testdata" / "config"
 ROOT = Path(__file__).parent.parent
-ENV = {"SALES_PASSWORD": "s3cret-sales", "SUPPORT_PASSWORD": "s3cret-support"}
+ENV = {"SALES_PASSWORD": "s3cret-sales", "SUPPORT_PASSWORD": "s3cret-support",
+       "SALES_RT": "refresh-token-sales", "SECRET": "client-secret"}
 
 
 def invalid_cases():
@@ -135,20 +136,80 @@ def test_durations_use_the_prometheus_style(text, seconds):
 
 def test_the_example_config_is_valid_and_shows_the_real_defaults():
     example = (ROOT / "config.example.yaml").read_text()
-    env = {name: "x" for name in re.findall(r"password_env: (\w+)", example)}
+    env = {name: "x" for name in re.findall(r"(?:password|secret|token)_env: (\w+)", example)}
     config = parse_config(example, "config.example.yaml", env)
     assert config.inboxes
     defaults = yaml.safe_load(example)["defaults"]
     assert cfg.parse_duration(defaults["interval"]) == cfg.DEFAULT_INTERVAL
     assert cfg.parse_duration(defaults["timeout"]) == cfg.DEFAULT_TIMEOUT
     checks = yaml.safe_load(example)["checks"]
-    for key, field in cfg.ChecksModel.model_fields.items():
+    for key, field in schema.ChecksModel.model_fields.items():
         value = checks[key]
         shown = cfg.parse_duration(value) if isinstance(value, str) else value
         assert shown == field.default, key
     # every key the models accept is shown (and so documented) in the example
-    for model in (cfg.InboxModel, cfg.DefaultsModel, cfg.ServerModel, cfg.TestEmailModel,
-                  cfg.ChecksModel, cfg.MetricsModel, cfg.AlertingModel, cfg.SentryModel,
-                  cfg.AlertmanagerModel, cfg.WebhookModel, cfg.DeliveryModel):
+    for model in (schema.InboxModel, schema.DefaultsModel, schema.ServerModel,
+                  schema.TestEmailModel, schema.ChecksModel, schema.MetricsModel,
+                  schema.AlertingModel, schema.SentryModel, schema.AlertmanagerModel,
+                  schema.WebhookModel, schema.DeliveryModel, schema.AuthModel):
         for key in model.model_fields:
             assert re.search(rf"^\s*#?\s*(- )?{key}:", example, re.M), f"{model.__name__}.{key}"
+
+
+def test_oauth_presets_fill_the_token_endpoint_and_the_scope_for_each_grant():
+    config = load("""
+defaults:
+  auth: {method: oauth2, client_id: app-id, client_secret_env: SECRET}
+inboxes:
+  - {name: delegated, email: a@contoso.com, provider: outlook,
+     auth: {tenant: contoso.onmicrosoft.com, refresh_token_env: SALES_RT}}
+  - {name: app-only, email: b@contoso.com, provider: microsoft365,
+     auth: {grant: client_credentials, tenant: contoso.onmicrosoft.com, mechanism: oauthbearer}}
+  - {name: google, email: c@example.com, provider: gmail, auth: {refresh_token_env: SALES_RT}}
+  - {name: organizations, email: d@contoso.com, provider: outlook, auth: {refresh_token_env: SALES_RT}}
+""")
+    delegated, app, google, org = (i.oauth for i in config.inboxes)
+    assert delegated.token_url == "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    assert delegated.scope == ("https://outlook.office.com/IMAP.AccessAsUser.All "
+                               "https://outlook.office.com/SMTP.Send offline_access")
+    assert (delegated.grant, delegated.mechanism, delegated.client_id) == ("refresh_token", "xoauth2", "app-id")
+    assert delegated.refresh_token.get_secret_value() == "refresh-token-sales"
+    assert app.scope == "https://outlook.office365.com/.default"
+    assert (app.grant, app.mechanism, app.refresh_token) == ("client_credentials", "oauthbearer", None)
+    assert app.client_secret.get_secret_value() == "client-secret"
+    assert google.token_url == "https://oauth2.googleapis.com/token"
+    assert google.scope == "https://mail.google.com/"
+    assert ("access_type", "offline") in google.authorize_params
+    assert "/organizations/" in org.token_url
+    assert all(i.password is None for i in config.inboxes)
+    # the refresh token is a secret like a password: redacted wherever an inbox's secrets are
+    assert "refresh-token-sales" in config.inboxes[0].secrets()
+    assert "refresh-token-sales" not in repr(config.inboxes[0])
+
+
+def test_an_inbox_auth_overrides_defaults_key_by_key_and_plain_http_is_for_loopback_only():
+    config = load("""
+defaults:
+  auth: {method: oauth2, token_url: "http://127.0.0.1:8443/token", client_id: shared, scope: mail}
+inboxes:
+  - {name: a, email: a@example.test, imap: {host: h}, smtp: {host: h},
+     auth: {refresh_token_env: SALES_RT}}
+  - {name: b, email: b@example.test, imap: {host: h}, smtp: {host: h}, password_env: SALES_PASSWORD,
+     auth: {method: password}}
+""")
+    a, b = config.inboxes
+    assert (a.oauth.token_url, a.oauth.client_id, a.oauth.scope) == ("http://127.0.0.1:8443/token", "shared", "mail")
+    assert a.oauth.client_secret is None  # a public client
+    assert b.oauth is None and b.password.get_secret_value() == "s3cret-sales"
+
+
+def test_oauth_login_may_load_a_config_whose_refresh_token_file_does_not_exist_yet(tmp_path):
+    text = f"""
+inboxes:
+  - {{name: m, email: m@contoso.com, provider: outlook,
+     auth: {{method: oauth2, client_id: app, refresh_token_file: {tmp_path}/rt}}}}
+"""
+    with pytest.raises(ConfigError, match=r"inboxes\[m\]\.auth\.refresh_token_file: cannot read"):
+        load(text)
+    inbox = parse_config(text, "config.yaml", ENV, strict_secrets=False).inboxes[0]
+    assert inbox.oauth.refresh_token is None and inbox.oauth.refresh_token_file == f"{tmp_path}/rt"

@@ -19,6 +19,7 @@ from .config import Inbox
 from .deadline import WATCHDOG, Deadline, Watchdog
 from .limits import ConnectionLimits
 from .model import CheckResult, Diagnosis, Phase, Status, Step, StepResult
+from .oauth.tokens import TokenCache
 from .probes.base import CLOSE_TIMEOUT, Probe
 from .probes.imap import ImapProbe
 from .probes.smtp import SmtpProbe
@@ -26,14 +27,16 @@ from .probes.smtp import SmtpProbe
 log = logging.getLogger(__name__)
 
 
-
 class Checker:
-    """Runs checks; the clock and the watchdog are injected so tests can drive time."""
+    """Runs checks; the clock and the watchdog are injected so tests can drive time. OAuth
+    inboxes take their access tokens from `tokens` (one cache for the process)."""
 
     def __init__(self, limits: ConnectionLimits | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, watchdog: Watchdog = WATCHDOG):
+                 wall: Callable[[], float] = time.time, watchdog: Watchdog = WATCHDOG,
+                 tokens: TokenCache | None = None):
         self.limits = limits or ConnectionLimits()
+        self.tokens = tokens or TokenCache()
         self.clock, self.wall, self.watchdog = clock, wall, watchdog
 
     def check(self, inbox: Inbox, probe_id: str | None = None) -> CheckResult:
@@ -42,13 +45,13 @@ class Checker:
         deadline = Deadline(inbox.deadline, self.clock)
         steps: list[StepResult] = []
 
-        imap = ImapProbe(inbox)
+        imap = ImapProbe(inbox, self.tokens)
         steps += self._guarded(inbox, imap, deadline, (
             (Step.IMAP_CONNECT, imap.connect),
             (Step.IMAP_LOGIN, imap.login),
             (Step.IMAP_VALIDATE, imap.validate),
         ))
-        smtp = SmtpProbe(inbox, probe_id)
+        smtp = SmtpProbe(inbox, probe_id, self.tokens)
         smtp_steps: list[tuple[Step, Callable[[float], None]]] = [
             (Step.SMTP_CONNECT, smtp.connect), (Step.SMTP_LOGIN, smtp.login)]
         if inbox.test_email_to:
@@ -130,7 +133,8 @@ class Checker:
                   phase: Phase | None = None) -> Diagnosis:
         ep = probe.endpoint
         ctx = Context(ep.host, ep.port, ep.security, inbox.provider)
-        diagnosis = classify(step, exc, phase or probe.conn.phase, ctx, inbox.secrets())
+        secrets = (*inbox.secrets(), *self.tokens.secrets()) if inbox.oauth else inbox.secrets()
+        diagnosis = classify(step, exc, phase or probe.conn.phase, ctx, secrets)
         log.warning("step failed", extra={"inbox": inbox.name, "step": step.value,
                                            "category": diagnosis.category.value,
                                            "reason": diagnosis.reason.value,

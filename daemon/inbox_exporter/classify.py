@@ -72,8 +72,22 @@ _CERT = ssl.SSLCertVerificationError
 _TOO_MANY = (r"too many (simultaneous |concurrent )?connections|\[LIMIT\]"
              r"|maximum number of connections|mail_max_userip_connections|connection limit")
 _APP_PASSWORD = r"application-specific password|app[- ]?password|\b5\.7\.9\b"
+_AUTH_FAILED = (r"AUTHENTICATIONFAILED|invalid credentials|authentication failed"
+                r"|\b535\b|username and password not accepted|LOGIN failed"
+                r"|AUTHENTICATE failed|incorrect password|invalid (login|user)")
+# Exchange Online: "535 5.7.139 Authentication unsuccessful, basic authentication is disabled"
+# (5.7.139 alone also means wrong credentials),
+# "550 5.7.30 Basic authentication is not supported for Client Submission."
+_BASIC_AUTH_DISABLED = (r"\b5\.7\.30\b"
+                        r"|basic auth\w* (is )?(disabled|blocked|not supported|turned off)"
+                        r"|SmtpClientAuthentication is disabled")
 
 RULES: tuple[Rule, ...] = (
+    # Getting an OAuth token, before anything about the mail server: the identity provider's
+    # errors (its TLS ones included) are not the mail server's.
+    Rule(Reason.OAUTH_INVALID_GRANT, Category.UNAUTHORIZED, errors=(errors.OAuthInvalidGrant,)),
+    Rule(Reason.OAUTH_INVALID_CLIENT, Category.UNAUTHORIZED, errors=(errors.OAuthInvalidClient,)),
+    Rule(Reason.OAUTH_TOKEN_ENDPOINT_UNAVAILABLE, errors=(errors.OAuthEndpointUnavailable,)),
     # Delivery: the mail was sent; was it delivered, and where?
     Rule(Reason.DELIVERY_TIMEOUT, Category.DELIVERY_FAILED, errors=(errors.DeliveryTimeout,)),
     Rule(Reason.DELIVERED_TO_JUNK, Category.DELIVERY_FAILED, errors=(errors.DeliveredToJunk,)),
@@ -102,11 +116,11 @@ RULES: tuple[Rule, ...] = (
          text=r"PRIVACYREQUIRED|plaintext authentication disallowed|must issue a STARTTLS"
               r"|encryption required|\b5\.7\.11\b|TLS required"),
     Rule(Reason.BASIC_AUTH_DISABLED, Category.UNAUTHORIZED, steps=LOGIN_STEPS,
-         text=r"basic auth\w* (is )?disabled|SmtpClientAuthentication is disabled"),
-    Rule(Reason.AUTH_FAILED, Category.UNAUTHORIZED, steps=LOGIN_STEPS,
-         text=r"AUTHENTICATIONFAILED|invalid credentials|authentication failed"
-              r"|\b535\b|username and password not accepted|LOGIN failed"
-              r"|AUTHENTICATE failed|incorrect password|invalid (login|user)"),
+         text=_BASIC_AUTH_DISABLED),
+    # The mail server said no to a token (an error challenge's JSON status, or the final NO).
+    Rule(Reason.OAUTH_TOKEN_REJECTED, Category.UNAUTHORIZED, errors=(errors.OAuthLoginRefused,),
+         text=_AUTH_FAILED + r"|status=40\d|invalid_token|authentication unsuccessful"),
+    Rule(Reason.AUTH_FAILED, Category.UNAUTHORIZED, steps=LOGIN_STEPS, text=_AUTH_FAILED),
     Rule(Reason.IP_NOT_ALLOWED, text=r"client host rejected|client host \S+ blocked"
          r"|not (allowed|permitted) from|from this (ip|location|network)"
          r"|ip( address)? \S* ?(is )?(not allowed|blocked|denied|blacklisted)"),
@@ -239,10 +253,29 @@ HINTS: Mapping[Reason, str] = {
     Reason.APP_PASSWORD_REQUIRED: "The account requires an app-specific password: create one in "
                                   "the provider's security settings{app_url} and use it as the "
                                   "password.",
-    Reason.BASIC_AUTH_DISABLED: "The provider has disabled password (basic) authentication for "
-                                "{proto} on this account. Enable it for the mailbox (e.g. "
-                                "Microsoft 365: SMTP AUTH / IMAP per mailbox) or use an app "
-                                "password where the provider offers one.",
+    Reason.BASIC_AUTH_DISABLED: "The provider no longer accepts passwords (basic authentication) "
+                                "for {proto} on this account. Move this inbox to OAuth 2.0: "
+                                "auth.method: oauth2 (docs/oauth.md). Re-enabling basic auth "
+                                "is not a fix: the providers are switching it off for good.",
+    Reason.OAUTH_INVALID_GRANT: "The identity provider refused the refresh token: revoked, "
+                                "expired, or the user's password or MFA changed. Sign in again "
+                                "with `inbox-exporter oauth login --inbox <this inbox>` "
+                                "(docs/oauth.md).",
+    Reason.OAUTH_INVALID_CLIENT: "The identity provider refused the app: check auth.client_id "
+                                 "and the client secret (client secrets expire, e.g. in "
+                                 "Microsoft Entra ID), and that the app may use this grant and "
+                                 "scope.",
+    Reason.OAUTH_TOKEN_ENDPOINT_UNAVAILABLE: "The identity provider's token endpoint could not "
+                                             "be reached or failed (network, DNS, proxy, TLS or "
+                                             "an outage): no token, so no login. The mailbox "
+                                             "itself may be fine. Check that this machine "
+                                             "reaches auth.token_url and the provider's status "
+                                             "page.",
+    Reason.OAUTH_TOKEN_REJECTED: "The {proto} server refused a valid access token: it is for "
+                                 "another user, lacks the mail scope, or the app was not granted "
+                                 "access to this mailbox (Microsoft 365 app-only: a service "
+                                 "principal with a mailbox permission; Google: the scope "
+                                 "https://mail.google.com/).",
     Reason.TOO_MANY_CONNECTIONS: "The server limits simultaneous connections to this mailbox (or "
                                  "from this IP) and the limit is reached. Close other clients of "
                                  "the mailbox, or ask your IT team to raise the limit.",
@@ -306,7 +339,8 @@ CATEGORY_DOCS: Mapping[Category, str] = {
     Category.SMTP_SETTINGS_INCORRECT: "IMAP worked, but connecting or logging in to the SMTP "
                                       "server failed for a reason other than the credentials.",
     Category.TEST_EMAIL_FAILED: "Logged in to SMTP, but the test email was not accepted.",
-    Category.UNAUTHORIZED: "The server says the credentials are wrong (IMAP or SMTP).",
+    Category.UNAUTHORIZED: "The server says the credentials are wrong (IMAP or SMTP), or the "
+                           "identity provider refused the OAuth grant or client.",
     Category.APP_PASSWORD_REQUIRED: "The server demands an app-specific password (IMAP or SMTP).",
     Category.CERTIFICATE_UNTRUSTED: "The server's certificate is self-signed, expired, for "
                                     "another host, or from an unknown authority (IMAP or SMTP).",

@@ -10,9 +10,10 @@ from dataclasses import replace
 from . import __version__, logs
 from .check import Checker
 from .confirm import DeliveryConfirmer
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, parse_duration
 from .limits import ConnectionLimits
 from .model import Status, Step, StepResult
+from .oauth.tokens import TokenCache
 from .output import render_json, render_text
 
 EXIT_OK, EXIT_FAILING, EXIT_CONFIG = 0, 1, 2
@@ -44,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     cc = sub.add_parser("check-config", help="validate the configuration and exit")
     common(cc, log_level="error")
 
+    oauth = sub.add_parser("oauth", help="OAuth 2.0 for inboxes with auth.method: oauth2")
+    oauth_sub = oauth.add_subparsers(dest="oauth_command", required=True, metavar="SUBCOMMAND")
+    login = oauth_sub.add_parser("login", help="sign in once for an inbox and write its refresh "
+                                               "token to auth.refresh_token_file")
+    common(login, log_level="error")
+    login.add_argument("--inbox", required=True, metavar="NAME")
+    login.add_argument("--timeout", default="5m", metavar="DURATION",
+                       help="how long to wait for the browser's redirect (default: %(default)s)")
+
     run = sub.add_parser("run", help="the exporter: check every inbox on schedule, serve metrics")
     common(run)
     run.add_argument("--web.listen-address", dest="listen", default=DEFAULT_LISTEN,
@@ -66,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         from .run import run
 
         return run(args.config_file, args.listen, args.grace, args.shard_count, args.shard_index)
+    if args.command == "oauth":
+        return _oauth_login(args)
     try:
         config = load_config(args.config_file)
     except ConfigError as e:
@@ -75,6 +87,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config_file}: OK, {len(config.inboxes)} inboxes")
         return EXIT_OK
     return _check(config, args)
+
+
+def _oauth_login(args) -> int:
+    from .oauth.login import LoginError, login
+
+    try:
+        timeout = parse_duration(args.timeout)
+        config = load_config(args.config_file, strict_secrets=False)  # the token may not exist yet
+        inbox = config.inbox(args.inbox)
+    except ValueError as e:
+        print(f"error: --timeout: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyError:
+        print(f"error: {args.config_file}: no inbox named {args.inbox}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        login(inbox, say=lambda text: print(text, flush=True), timeout=timeout)
+    except LoginError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILING
+    return EXIT_OK
 
 
 def _check(config, args) -> int:
@@ -89,8 +125,9 @@ def _check(config, args) -> int:
         print(f"error: {config.source}: no inboxes configured", file=sys.stderr)
         return EXIT_CONFIG
     limits = ConnectionLimits(config.checks.max_connections_per_host)
-    checker = Checker(limits)
-    confirmer = DeliveryConfirmer(limits, on_result=lambda inbox, result: None)
+    tokens = TokenCache()
+    checker = Checker(limits, tokens=tokens)
+    confirmer = DeliveryConfirmer(limits, on_result=lambda inbox, result: None, tokens=tokens)
 
     def check(inbox):
         result = checker.check(inbox)

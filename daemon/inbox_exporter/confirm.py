@@ -33,6 +33,7 @@ from .config import Inbox
 from .deadline import WATCHDOG
 from .limits import ConnectionLimits
 from .model import Phase, Status, Step, StepResult
+from .oauth.tokens import TokenCache
 from .probes import delivery
 from .probes.base import CLOSE_TIMEOUT
 from .probes.imap import ImapProbe
@@ -72,14 +73,15 @@ def watched(inbox: Inbox) -> Inbox:
     """The inbox as seen by the watcher: the watched account's server and login."""
     d = inbox.delivery
     assert d is not None
-    return replace(inbox, imap=d.imap, username=d.username, password=d.password)
+    return replace(inbox, imap=d.imap, username=d.username, password=d.password, oauth=d.oauth)
 
 
 class DeliveryConfirmer:
     def __init__(self, limits: ConnectionLimits, on_result: Callable[[Inbox, DeliveryResult], None],
                  workers: int = 4, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, tokens: TokenCache | None = None):
         self.limits, self.on_result = limits, on_result
+        self.tokens = tokens or TokenCache()
         self._clock, self._wall = clock, wall
         self._heap: list[_Pending] = []
         self._seq = itertools.count()
@@ -167,7 +169,7 @@ class DeliveryConfirmer:
             return None if not final else self._failed(
                 inbox, probe_id, errors.DeliveryTimeout("no connection slot for the watcher"),
                 Phase.COMMAND, accepted_at)
-        probe = ImapProbe(target)
+        probe = ImapProbe(target, self.tokens)
         try:
             probe.connect(inbox.timeout)
             probe.login(inbox.timeout)
@@ -214,7 +216,8 @@ class DeliveryConfirmer:
         d = inbox.delivery
         assert d is not None
         ctx = Context(d.imap.host, d.imap.port, d.imap.security, inbox.provider)
-        diagnosis = classify(Step.DELIVERY, exc, phase, ctx, inbox.secrets())
+        diagnosis = classify(Step.DELIVERY, exc, phase, ctx,
+                             (*inbox.secrets(), *self.tokens.secrets()))
         log.warning("step failed", extra={"inbox": inbox.name, "step": Step.DELIVERY.value,
                                            "category": diagnosis.category.value,
                                            "reason": diagnosis.reason.value,
@@ -230,7 +233,7 @@ class DeliveryConfirmer:
         slot = self.limits.acquire("imap", d.imap.host, {d.username}, timeout=30.0)
         if slot is None:
             return
-        probe = ImapProbe(watched(inbox))
+        probe = ImapProbe(watched(inbox), self.tokens)
         try:
             probe.connect(inbox.timeout)
             probe.login(inbox.timeout)

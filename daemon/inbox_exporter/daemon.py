@@ -27,6 +27,7 @@ from .limits import ConnectionLimits
 from .metrics import ExporterMetrics, InboxMetrics, render_inbox
 from .scheduler import Scheduler
 from .status import inbox_status
+from .oauth.tokens import TokenCache
 from .sharding import Shard
 from .store import Store
 
@@ -48,8 +49,10 @@ class Exporter:
         self._reload_lock = threading.Lock()
         config = self._load()  # raises ConfigError: a bad config at start-up is fatal
         self.limits = ConnectionLimits(config.checks.max_connections_per_host)
-        self.checker = Checker(self.limits)
-        self.confirmer = DeliveryConfirmer(self.limits, on_result=self._delivered)
+        self.tokens = TokenCache()  # one per process: checks and delivery polls share tokens
+        self.checker = Checker(self.limits, tokens=self.tokens)
+        self.confirmer = DeliveryConfirmer(self.limits, on_result=self._delivered,
+                                           tokens=self.tokens)
         self.scheduler = Scheduler(self.store, self.checker, self.metrics,
                                    workers=config.checks.concurrency,
                                    auth_failure_max_interval=config.checks.auth_failure_max_interval,
@@ -69,7 +72,7 @@ class Exporter:
         if config is None:
             return []
         out = [s for inbox in config.inboxes for s in inbox.secrets()]
-        return out + list(config.alerting.secrets())
+        return out + list(config.alerting.secrets()) + self.tokens.secrets()
 
     def _load(self) -> Config:
         """The config, with this replica's share of the inboxes (the whole file is validated)."""
@@ -126,6 +129,7 @@ class Exporter:
             if old is not None:
                 self.alerts.forget({i.name for i in old.inboxes} - {i.name for i in config.inboxes})
             self.scheduler.apply(config)
+            self.tokens.forget({i.oauth.account_key for i in config.inboxes if i.oauth})
             self._adopt(config)
             log.info("config reloaded", extra={"inboxes": len(config.inboxes)})
             return None

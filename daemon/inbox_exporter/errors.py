@@ -43,3 +43,24 @@ class DeliveryTimeout(ProbeError):
 
 class DeliveredToJunk(ProbeError):
     """The test email arrived, but in the Junk folder."""
+
+
+class OAuthTokenError(ProbeError):
+    """Getting an access token from the identity provider failed."""
+
+
+class OAuthInvalidGrant(OAuthTokenError):
+    """The refresh token was revoked or has expired (`invalid_grant`), or there is none."""
+
+
+class OAuthInvalidClient(OAuthTokenError):
+    """The client id or secret is wrong, or the client may not use this grant or scope."""
+
+
+class OAuthEndpointUnavailable(OAuthTokenError):
+    """The token endpoint is unreachable, timed out or answered 5xx / not JSON."""
+
+
+class OAuthLoginRefused(ProbeError):
+    """The mail server answered our OAuth token with NO / an error reply (the original error is
+    the cause; the server's decoded error challenge, if any, is in the text)."""

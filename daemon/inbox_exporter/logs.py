@@ -54,5 +54,8 @@ def setup(level: str = "info", fmt: str = "logfmt", stream=sys.stderr) -> None:
     # IMAPClient logs every command at DEBUG, LOGIN with its password included: never let
     # that reach a handler, whatever the level.
     logging.getLogger("imapclient").setLevel(logging.WARNING)
+    # httpx logs every token request at INFO, authlib its token handling at DEBUG: ours to say.
+    for name in ("httpx", "httpcore", "authlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # APScheduler logs every job run at INFO: one line per check is ours to write, not its.
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))

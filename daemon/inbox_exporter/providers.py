@@ -19,12 +19,25 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class OAuthPreset:
+    """A provider's OAuth 2.0 endpoints and scopes. `{tenant}` is filled from `auth.tenant`."""
+
+    token_url: str
+    authorization_url: str
+    delegated_scope: str  # grant: refresh_token (a user signed in)
+    app_scope: str | None  # grant: client_credentials; None: the provider has no such grant
+    authorize_params: tuple[tuple[str, str], ...] = ()  # extra query parameters for `oauth login`
+    default_tenant: str | None = None  # used for the delegated grant when no tenant is set
+
+
+@dataclass(frozen=True)
 class Provider:
     name: str
     imap: Endpoint | None
     smtp: Endpoint | None
     host_suffixes: tuple[str, ...]
     app_password_url: str | None = None
+    oauth: OAuthPreset | None = None
 
 
 # Hosts and ports from each provider's published client settings.
@@ -37,6 +50,13 @@ PROVIDERS: dict[str, Provider] = {
             Endpoint("smtp.gmail.com", 587, "starttls"),
             ("gmail.com", "googlemail.com", "google.com"),
             "https://support.google.com/accounts/answer/185833",
+            # https://developers.google.com/gmail/imap/xoauth2-protocol: one scope for IMAP and
+            # SMTP; a refresh token is only issued with access_type=offline (and on a re-consent
+            # only with prompt=consent). Google has no client_credentials grant for Gmail.
+            OAuthPreset("https://oauth2.googleapis.com/token",
+                        "https://accounts.google.com/o/oauth2/v2/auth",
+                        "https://mail.google.com/", None,
+                        (("access_type", "offline"), ("prompt", "consent"))),
         ),
         Provider(
             "outlook",
@@ -44,6 +64,13 @@ PROVIDERS: dict[str, Provider] = {
             Endpoint("smtp.office365.com", 587, "starttls"),
             ("office365.com", "outlook.com", "hotmail.com", "live.com"),
             "https://support.microsoft.com/account-billing/app-passwords-for-a-work-or-school-account-d6dc8c6d-4bf7-4851-ad95-6d07799387e9",
+            # https://learn.microsoft.com/exchange/client-developer/legacy-protocols/how-to-authenticate-an-imap-pop-smtp-application-by-using-oauth
+            OAuthPreset("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+                        "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize",
+                        "https://outlook.office.com/IMAP.AccessAsUser.All "
+                        "https://outlook.office.com/SMTP.Send offline_access",
+                        "https://outlook.office365.com/.default",
+                        default_tenant="organizations"),
         ),
         Provider(
             "yahoo",

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from .. import errors
 from ..config import Inbox
 from ..model import CertificateInfo, Protocol
+from ..oauth import sasl
+from ..oauth.tokens import AccessToken, TokenCache
 from ..providers import Endpoint
 from .transport import Connection, certificate_info, context_for, open_socket, untrusted_certificate
 
@@ -19,8 +23,8 @@ CLOSE_TIMEOUT = 2.0  # for LOGOUT / QUIT after the steps
 class Probe:
     protocol: Protocol
 
-    def __init__(self, inbox: Inbox, endpoint: Endpoint):
-        self.inbox, self.endpoint = inbox, endpoint
+    def __init__(self, inbox: Inbox, endpoint: Endpoint, tokens: TokenCache | None = None):
+        self.inbox, self.endpoint, self.tokens = inbox, endpoint, tokens
         self.conn = Connection()
         self.certificate: CertificateInfo | None = None
         self.encrypted = False
@@ -46,3 +50,35 @@ class Probe:
         self.conn.sock = sock
         self.encrypted = True
         self.certificate = certificate_info(sock, self.protocol)
+
+    # --- OAuth 2.0 logins (auth.method: oauth2) ------------------------------------------------
+
+    def oauth_exchange(self, offered: set[str], timeout: float) -> tuple[sasl.Exchange, AccessToken, float]:
+        """The SASL exchange for this inbox's token, and the time left of `timeout` after the
+        token request (which counts against the login step)."""
+        oauth = self.inbox.oauth
+        assert oauth is not None
+        mechanism = sasl.MECHANISMS[oauth.mechanism]
+        if mechanism not in offered:
+            shown = " ".join(sorted(offered)) or "none"
+            raise errors.AuthUnavailable(f"the server does not offer {mechanism} (offered: {shown})")
+        if self.tokens is None:
+            raise RuntimeError("an OAuth inbox needs a TokenCache")
+        t0 = time.monotonic()
+        token = self.tokens.access_token(oauth, timeout)
+        left = timeout - (time.monotonic() - t0)
+        if left <= 0:
+            raise errors.OAuthEndpointUnavailable(
+                f"the token request used the login step's whole budget ({timeout:g}s)")
+        exchange = sasl.Exchange(mechanism, self.inbox.username, token.value,
+                                 self.endpoint.host, self.endpoint.port)
+        return exchange, token, left
+
+    def oauth_refused(self, exchange: sasl.Exchange, token: AccessToken,
+                      reply: str) -> errors.OAuthLoginRefused:
+        """The server said no to the token: forget it (the next check asks for a new one)."""
+        assert self.inbox.oauth is not None and self.tokens is not None
+        self.tokens.invalidate(self.inbox.oauth, token.value)
+        issued = "a freshly issued" if token.fresh else "a cached"
+        why = f" ({exchange.error})" if exchange.error else ""
+        return errors.OAuthLoginRefused(f"{reply}{why} [{issued} {exchange.mechanism} token]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import imaplib
 
 from imapclient import IMAPClient
@@ -10,6 +11,8 @@ from imapclient.exceptions import IMAPClientError
 from .. import errors
 from ..config import Inbox
 from ..model import Phase, Protocol
+from ..oauth import sasl
+from ..oauth.tokens import TokenCache
 from .base import CLOSE_TIMEOUT, Probe
 
 
@@ -36,11 +39,22 @@ class _Client(IMAPClient):
         return _IMAP4(self._open_fn, self.host, self.port)
 
 
+class _Continuations:
+    """imaplib's hook for AUTHENTICATE continuations; it must be a bound method (imaplib tells
+    a literal from a callback by its type)."""
+
+    def __init__(self, exchange: sasl.Exchange):
+        self.exchange = exchange
+
+    def process(self, data: bytes) -> bytes:
+        return base64.b64encode(self.exchange.respond(base64.b64decode(data)))
+
+
 class ImapProbe(Probe):
     protocol = Protocol.IMAP
 
-    def __init__(self, inbox: Inbox):
-        super().__init__(inbox, inbox.imap)
+    def __init__(self, inbox: Inbox, tokens: TokenCache | None = None):
+        super().__init__(inbox, inbox.imap, tokens)
         self.client: _Client | None = None
 
     def connect(self, timeout: float) -> None:
@@ -67,7 +81,10 @@ class ImapProbe(Probe):
     def login(self, timeout: float) -> None:
         client = self._ready(timeout)
         caps = client.capabilities()
+        if self.inbox.oauth is not None:
+            return self._oauth_login(client, caps, timeout)
         username = self.inbox.username
+        assert self.inbox.password is not None
         password = self.inbox.password.get_secret_value()
         if b"LOGINDISABLED" in caps:
             # RFC 3501 6.2.3: the client MUST NOT send LOGIN then; don't leak the password.
@@ -79,6 +96,21 @@ class ImapProbe(Probe):
             client.plain_login(username, password)
         else:
             client.login(username, password)
+
+    def _oauth_login(self, client: _Client, caps: tuple[bytes, ...], timeout: float) -> None:
+        offered = {c.decode()[5:] for c in caps if c.startswith(b"AUTH=")}
+        exchange, token, left = self.oauth_exchange(offered, timeout)
+        imap = client._imap
+        client.socket().settimeout(left)
+        args = [exchange.mechanism]
+        if b"SASL-IR" in caps:  # RFC 4959: the token goes with the command, one round trip less
+            args.append(base64.b64encode(exchange.first()).decode())
+        imap.literal = _Continuations(exchange).process
+        typ, data = imap._simple_command("AUTHENTICATE", *args)
+        if typ != "OK":
+            reply = " ".join(d.decode("utf-8", "replace") for d in data if isinstance(d, bytes))
+            raise self.oauth_refused(exchange, token, f"{typ} {reply}".strip())
+        imap.state = "AUTH"
 
     def validate(self, timeout: float) -> None:
         client = self._ready(timeout)

@@ -12,6 +12,7 @@ from email.utils import formatdate
 from .. import errors
 from ..config import Inbox
 from ..model import Phase, Protocol
+from ..oauth.tokens import TokenCache
 from .base import CLOSE_TIMEOUT, Probe
 
 PROBE_HEADER = "X-Inbox-Exporter-Probe"
@@ -66,8 +67,8 @@ def probe_message(inbox: Inbox, probe_id: str, date: str | None = None) -> bytes
 class SmtpProbe(Probe):
     protocol = Protocol.SMTP
 
-    def __init__(self, inbox: Inbox, probe_id: str):
-        super().__init__(inbox, inbox.smtp)
+    def __init__(self, inbox: Inbox, probe_id: str, tokens: TokenCache | None = None):
+        super().__init__(inbox, inbox.smtp, tokens)
         self.probe_id = probe_id
         self.smtp: _SMTP | None = None
         self.accepted_at: float | None = None  # when the server took the test email
@@ -110,16 +111,35 @@ class SmtpProbe(Probe):
                     "the server offers no AUTH on this unencrypted connection")
             raise errors.AuthUnavailable("the server advertises no AUTH mechanism")
         offered = smtp.esmtp_features["auth"].upper().split()
+        if self.inbox.oauth is not None:
+            return self._oauth_login(smtp, set(offered), timeout)
         mechanism = next((m for m in MECHANISMS if m in offered), None)
         if mechanism is None:
             raise errors.AuthUnavailable(f"no usable AUTH mechanism among {' '.join(offered)}")
         # One AUTH with one mechanism: smtplib's login() would retry every mechanism and turn
         # one wrong password into several failed logins (and faster account lockouts).
+        assert self.inbox.password is not None
         smtp.user, smtp.password = self.inbox.username, self.inbox.password.get_secret_value()
         try:
             smtp.auth(mechanism, getattr(smtp, f"auth_{mechanism.lower()}"))
         finally:
             smtp.password = ""
+
+    def _oauth_login(self, smtp: _SMTP, offered: set[str], timeout: float) -> None:
+        exchange, token, left = self.oauth_exchange(offered, timeout)
+        assert smtp.sock is not None
+        smtp.sock.settimeout(left)
+
+        def respond(challenge: bytes | None = None) -> str:
+            # smtplib sends the initial response with AUTH (RFC 4954), then one line per 334.
+            data = exchange.first() if challenge is None else exchange.respond(challenge)
+            return data.decode("ascii")
+
+        try:
+            smtp.auth(exchange.mechanism, respond, initial_response_ok=True)
+        except smtplib.SMTPAuthenticationError as e:
+            reply = f"{e.smtp_code} {e.smtp_error.decode('utf-8', 'replace')}"
+            raise self.oauth_refused(exchange, token, reply) from e
 
     def send_test_email(self, timeout: float) -> None:
         smtp = self._ready(timeout)

@@ -1,0 +1,239 @@
+"""The shape of the configuration file: strict pydantic models, value checks, built-in defaults.
+
+Only what can be checked without I/O lives here: types, ranges, enums, unknown keys. Reading
+environment variables and files, presets and cross-field rules are `resolve.py`'s job.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr
+
+NAME_RE = re.compile(r"^[a-z0-9_.-]+$")
+_DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
+
+# Built-in defaults, shown in config.example.yaml (a test keeps the two in step).
+DEFAULT_INTERVAL = 60.0
+DEFAULT_TIMEOUT = 15.0
+DEADLINE_STEPS = 4  # default deadline: 4 step timeouts, capped at the interval
+
+
+class ConfigError(Exception):
+    """A configuration problem, rendered as one line: `FILE: PATH: MESSAGE`."""
+
+    def __init__(self, path: str, message: str, source: str = "config"):
+        self.path, self.message, self.source = path, message, source
+        super().__init__(f"{source}: {path}: {message}" if path else f"{source}: {message}")
+
+
+def parse_duration(value: Any) -> float:
+    """Prometheus-style duration ("30s", "5m", "1h30m", "500ms") to seconds."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError("must be a duration such as 30s, 5m or 1h")
+    m = _DURATION_RE.match(value.strip())
+    if not value.strip() or not m or not any(m.groups()):
+        raise ValueError(f"invalid duration {value!r}: use e.g. 30s, 5m, 1h")
+    h, mi, s, ms = (int(g) if g else 0 for g in m.groups())
+    seconds = h * 3600 + mi * 60 + s + ms / 1000
+    if seconds <= 0:
+        raise ValueError("must be greater than 0s")
+    return seconds
+
+
+def _port(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= 65535:
+        raise ValueError("must be 1-65535")
+    return value
+
+
+def _name(value: Any) -> Any:
+    if isinstance(value, str) and not NAME_RE.match(value):
+        raise ValueError("must match [a-z0-9_.-]+ (it becomes a metric label)")
+    return value
+
+
+def _email(value: Any) -> Any:
+    if isinstance(value, str) and not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
+        raise ValueError(f"not an email address: {value!r}")
+    return value
+
+
+def _subject(value: Any) -> Any:
+    if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must be one line without control characters")
+    return value
+
+
+def _positive(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _url(value: Any) -> Any:
+    if isinstance(value, str) and not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _oauth_url(value: Any) -> Any:
+    """https, or plain http on a loopback address only (a local identity server): a token
+    request carries the client secret and the refresh token."""
+    if not isinstance(value, str):
+        return value
+    parts = urlsplit(value)
+    if parts.scheme == "https" and parts.hostname:
+        return value
+    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
+        return value
+    if parts.scheme == "http" and parts.hostname:
+        raise ValueError(f"must be https (plain http only on a loopback address): {value!r}")
+    raise ValueError(f"not an https URL: {value!r}")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Port = Annotated[int, BeforeValidator(_port)]
+Email = Annotated[str, BeforeValidator(_email)]
+Positive = Annotated[int, BeforeValidator(_positive)]
+Url = Annotated[str, BeforeValidator(_url)]
+OAuthUrl = Annotated[str, BeforeValidator(_oauth_url)]
+Security = Literal["ssl", "starttls", "none"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ServerModel(_Strict):
+    host: str | None = None
+    port: Port | None = None
+    security: Security | None = None
+
+
+class TestEmailModel(_Strict):
+    to: Email
+    subject: Annotated[str, BeforeValidator(_subject)] = "inbox-exporter test email"
+
+
+class AuthModel(_Strict):
+    """How the inbox logs in. `defaults.auth` and an inbox's `auth` merge key by key."""
+
+    method: Literal["password", "oauth2"] | None = None  # default: password
+    grant: Literal["refresh_token", "client_credentials"] | None = None  # default: refresh_token
+    token_url: OAuthUrl | None = None
+    authorization_url: OAuthUrl | None = None  # only for `inbox-exporter oauth login`
+    tenant: str | None = None
+    client_id: str | None = None
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    refresh_token_env: str | None = None
+    refresh_token_file: str | None = None
+    scope: str | None = None
+    mechanism: Literal["xoauth2", "oauthbearer"] | None = None  # default: xoauth2
+
+
+class DeliveryAccountModel(_Strict):
+    """An IMAP account of its own to watch (e.g. the CRM's BCC mailbox)."""
+
+    host: str
+    port: Port | None = None
+    security: Security | None = None
+    username: str
+    password_env: str | None = None
+    password_file: str | None = None
+    password: SecretStr | None = None
+
+
+class DeliveryModel(_Strict):
+    mailbox: Literal["self"] | DeliveryAccountModel = "self"
+    timeout: Duration = 120.0
+    folders: list[str] = ["INBOX"]
+    cleanup: bool = True
+
+
+class _Overridable(_Strict):
+    """Keys that `defaults` sets for every inbox and an inbox may override."""
+
+    interval: Duration | None = None
+    timeout: Duration | None = None
+    deadline: Duration | None = None
+    allow_insecure_certificate: bool | None = None
+    ca_file: str | None = None
+    source_address: str | None = None
+    test_email: TestEmailModel | None = None
+    delivery: DeliveryModel | None = None
+    auth: AuthModel | None = None
+
+
+class DefaultsModel(_Overridable):
+    pass
+
+
+class InboxModel(_Overridable):
+    name: Annotated[str, BeforeValidator(_name)]
+    email: Email
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    password: SecretStr | None = None
+    provider: str | None = None
+    imap: ServerModel = ServerModel()
+    smtp: ServerModel = ServerModel()
+
+
+class ChecksModel(_Strict):
+    """How the daemon runs checks (process-wide)."""
+
+    concurrency: Positive = 32  # worker threads; read at start-up only
+    max_connections_per_host: Positive = 10
+    auth_failure_max_interval: Duration = 3600.0
+
+
+class SentryModel(_Strict):
+    dsn_env: str  # the DSN holds a key: from the environment only
+    environment: str = "production"
+
+
+class AlertmanagerModel(_Strict):
+    url: Url
+    resend_interval: Duration = 60.0
+
+
+class WebhookModel(_Strict):
+    url: Url
+    headers_env: dict[str, str] = {}  # header name -> environment variable holding its value
+
+
+class AlertingModel(_Strict):
+    failure_threshold: Positive = 2
+    recovery_threshold: Positive = 1
+    runbook_url: Url | None = None
+    status_page_url: Url | None = None  # linked from alerts (e.g. https://inbox-exporter.example/)
+    sentry: SentryModel | None = None
+    alertmanager: AlertmanagerModel | None = None
+    webhooks: list[WebhookModel] = []
+
+
+class MetricsModel(_Strict):
+    expose_email: bool = False  # the address is personal data: off unless the operator opts in
+
+
+class ConfigModel(_Strict):
+    checks: ChecksModel = ChecksModel()
+    metrics: MetricsModel = MetricsModel()
+    alerting: AlertingModel = AlertingModel()
+    defaults: DefaultsModel = DefaultsModel()
+    inboxes: list[InboxModel] = []
