@@ -10,7 +10,9 @@ Needs root (Dovecot/Postfix/iptables), like the lab itself.
 from __future__ import annotations
 
 import argparse
+import base64
 import imaplib
+import json
 import os
 import secrets
 import shutil
@@ -28,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from maillab import APP_PASSWORD_REASON, LabError, MailLab  # noqa: E402
+from maillab.oauth import OAuthError, oauthbearer, xoauth2  # noqa: E402
 
 TIMEOUT = 5.0
 results: list[tuple[str, bool, float, str]] = []
@@ -495,10 +498,10 @@ def run_checks(lab: MailLab, workroot: Path) -> None:
             pass
         return f"timeout after {waited:.2f}s on port {port}"
 
-    @check("log_tail(): dovecot, dovecot-limited, postfix")
+    @check("log_tail(): every dovecot instance, postfix, oidc")
     def _():
         for which in ("dovecot", "dovecot-limited", "dovecot-selfsigned", "dovecot-expired",
-                      "dovecot-wronghost", "postfix"):
+                      "dovecot-wronghost", "dovecot-oauth", "postfix", "oidc"):
             expect(lab.log_tail(which, 5).strip() != "", f"{which} log empty")
         try:
             lab.log_tail("nope")
@@ -536,6 +539,194 @@ def run_checks(lab: MailLab, workroot: Path) -> None:
             return str(e)
 
 
+# ------------------------------------------------------------------ OAuth
+XOAUTH2_REFUSED = {"status": "401", "schemes": "bearer", "scope": "mail"}
+OAUTHBEARER_REFUSED = {"status": "invalid_token"}
+SMTP_535 = (535, b"5.7.8 Error: authentication failed: (reason unavailable)")
+
+
+def imap_sasl(lab: MailLab, port: int, mech: str, address: str, token: str,
+              starttls: bool = False) -> tuple[list[bytes], bytes]:
+    """AUTHENTICATE with the initial response (SASL-IR) on a raw connection, answering an
+    error challenge as RFC 7628 says.  Returns (challenges, tagged reply line)."""
+    blob = xoauth2(address, token) if mech == "XOAUTH2" else oauthbearer(address, token, port=port)
+    sock = socket.create_connection((lab.host, port), timeout=TIMEOUT)
+    try:
+        if starttls:
+            plain = sock.makefile("rb")
+            plain.readline()                                  # greeting
+            sock.sendall(b"s STARTTLS\r\n")
+            expect(plain.readline().startswith(b"s OK"), "STARTTLS refused")
+        sock = lab.ssl_context().wrap_socket(sock, server_hostname="127.0.0.1")
+        f = sock.makefile("rb")
+        if not starttls:
+            f.readline()                                      # greeting
+        sock.sendall(f"a AUTHENTICATE {mech} {base64.b64encode(blob).decode()}\r\n".encode())
+        challenges = []
+        for _ in range(3):
+            line = f.readline()
+            if line.startswith(b"+ "):
+                challenges.append(base64.b64decode(line[2:].strip()))
+                sock.sendall(b"AQ==\r\n" if mech == "OAUTHBEARER" else b"\r\n")
+                continue
+            return challenges, line.strip()
+        raise AssertionError("no tagged reply")
+    finally:
+        sock.close()
+
+
+def smtp_xoauth2(lab: MailLab, port: int, address: str, token: str) -> tuple[smtplib.SMTP, list]:
+    """AUTH XOAUTH2 on a submission (STARTTLS) or smtps port; the client and the replies
+    (a 334 challenge is answered with an empty line)."""
+    if port == lab.ports.smtps_oauth:
+        s = smtplib.SMTP_SSL(lab.host, port, context=lab.ssl_context(), timeout=TIMEOUT)
+        s.ehlo("selfcheck.example")
+    else:
+        s = submission(lab, port)
+    replies = [s.docmd("AUTH", "XOAUTH2 " + base64.b64encode(xoauth2(address, token)).decode())]
+    if replies[0][0] == 334:
+        replies.append(s.docmd(""))
+    return s, replies
+
+
+def run_oauth_checks(lab: MailLab) -> dict[str, str]:
+    P, oauth = lab.ports, lab.oauth
+    alice, bob, bcc = lab.users["alice"], lab.users["bob"], lab.users["bcc"]
+    state: dict[str, str] = {}
+
+    def refused(mech: str, address: str, token: str) -> None:
+        challenges, reply = imap_sasl(lab, P.imaps_oauth, mech, address, token)
+        want = XOAUTH2_REFUSED if mech == "XOAUTH2" else OAUTHBEARER_REFUSED
+        expect([json.loads(c) for c in challenges] == [want], f"challenges {challenges}")
+        expect(reply == b"a NO [AUTHENTICATIONFAILED] Authentication failed.", f"{reply!r}")
+
+    @check("oauth: discovery document, clients, code+PKCE flow gives refresh and access tokens")
+    def _():
+        import urllib.request
+        with urllib.request.urlopen(oauth.discovery_url, timeout=TIMEOUT) as r:
+            doc = json.load(r)
+        expect(doc["issuer"] == oauth.issuer and doc["token_endpoint"] == oauth.token_url,
+               "discovery")
+        expect(doc["introspection_endpoint"] == oauth.introspection_url, "introspection url")
+        expect(oauth.clients["exporter-public"].client_secret is None, "public client secret")
+        tokens = oauth.tokens_for("alice")
+        expect(tokens["scope"] == "mail" and tokens["refresh_token"], f"{sorted(tokens)}")
+        state.update(access=tokens["access_token"], refresh=tokens["refresh_token"])
+        return f"issuer {oauth.issuer}"
+
+    @check("oauth: XOAUTH2 + OAUTHBEARER on imaps_oauth and imap_oauth (STARTTLS)")
+    def _():
+        for port, starttls in ((P.imaps_oauth, False), (P.imap_oauth, True)):
+            for mech in ("XOAUTH2", "OAUTHBEARER"):
+                challenges, reply = imap_sasl(lab, port, mech, alice.address, state["access"],
+                                              starttls)
+                expect(not challenges and reply.startswith(b"a OK"), f"{mech}: {reply!r}")
+
+    @check("oauth: bad token -> '+ <base64 JSON>' then NO [AUTHENTICATIONFAILED]")
+    def _():
+        refused("XOAUTH2", alice.address, "garbage")
+        refused("OAUTHBEARER", alice.address, "garbage")
+
+    @check("oauth: refused as bearer: refresh token, password, alice's token for bob")
+    def _():
+        refused("XOAUTH2", alice.address, state["refresh"])
+        refused("XOAUTH2", alice.address, alice.password)
+        refused("XOAUTH2", bob.address, state["access"])
+
+    @check("oauth port: password LOGIN works, a token as password does not")
+    def _():
+        c = imaps(lab, P.imaps_oauth)
+        c.login(alice.address, alice.password)
+        c.logout()
+        err = imap_login_error(imaps(lab, P.imaps_oauth), alice.address, state["access"])
+        expect("[AUTHENTICATIONFAILED]" in err, err)
+
+    @check("oauth: client_credentials token (no sub) opens the bound mailbox only")
+    def _():
+        app = oauth.clients["daemon-app"]
+        token = oauth.client_credentials_token()
+        info = oauth.introspect(token)
+        expect("sub" not in info and info["mailbox"] == app.mailbox, f"{info}")
+        challenges, reply = imap_sasl(lab, P.imaps_oauth, "XOAUTH2", app.mailbox, token)
+        expect(reply.startswith(b"a OK"), f"{reply!r}")
+        other = bob.address if app.mailbox != bob.address else alice.address
+        refused("XOAUTH2", other, token)
+        return app.mailbox
+
+    @check("oauth SMTP: XOAUTH2 235 on submission_oauth and smtps_oauth, delivered; bad: 334, 535")
+    def _():
+        subject = f"selfcheck oauth {secrets.token_hex(4)}"
+        for port in (P.submission_oauth, P.smtps_oauth):
+            s, replies = smtp_xoauth2(lab, port, alice.address, state["access"])
+            expect(replies == [(235, b"2.7.0 Authentication successful")], f"{replies}")
+            s.sendmail(alice.address, [bcc.address], f"Subject: {subject}\r\n\r\nx\r\n".encode())
+            s.quit()
+        lab.wait_for_message("bcc", lambda m: m["Subject"] == subject)
+        s, replies = smtp_xoauth2(lab, P.submission_oauth, alice.address, "garbage")
+        s.quit()
+        expect(replies[0][0] == 334 and json.loads(base64.b64decode(replies[0][1])) == XOAUTH2_REFUSED
+               and replies[1] == SMTP_535, f"{replies}")
+
+    @check("oauth: refresh keeps scope mail and rotates; a replayed refresh token -> invalid_grant")
+    def _():
+        refreshed = oauth.refresh(state["refresh"])
+        info = oauth.introspect(refreshed["access_token"])
+        expect(info["scope"] == "mail" and info["mailbox"] == alice.address, f"{info}")
+        expect(refreshed["refresh_token"] != state["refresh"], "not rotated")
+        try:
+            oauth.refresh(state["refresh"])
+            raise AssertionError("old refresh token accepted")
+        except OAuthError as e:
+            expect(e.error == "invalid_grant", e.error)
+
+    @check("oauth: revoking an access token ends it; revoking a refresh token ends its grant")
+    def _():
+        tokens = oauth.tokens_for("bob")
+        oauth.revoke(tokens["access_token"])
+        refused("XOAUTH2", bob.address, tokens["access_token"])
+        again = oauth.refresh(tokens["refresh_token"])
+        oauth.revoke(again["refresh_token"])
+        expect(not oauth.introspect(again["access_token"])["active"], "grant survived")
+
+    @check("oauth: token with 1 s TTL expires (introspection inactive, login refused)")
+    def _():
+        with oauth.configured(access_token_ttl=1):
+            token = oauth.access_token_for("alice")
+        deadline = time.monotonic() + 5
+        while oauth.introspect(token)["active"]:
+            expect(time.monotonic() < deadline, "still active after 5 s")
+            time.sleep(0.05)
+        refused("XOAUTH2", alice.address, token)
+
+    @check("oauth: IdP stopped -> IMAP NO [UNAVAILABLE], SMTP 535; restarted: grants kept")
+    def _():
+        tokens = oauth.tokens_for("alice")
+        oauth.stop()
+        try:
+            challenges, reply = imap_sasl(lab, P.imaps_oauth, "XOAUTH2", alice.address,
+                                          tokens["access_token"])
+            expect(not challenges and reply.startswith(
+                b"a NO [UNAVAILABLE] Temporary authentication failure."), f"{reply!r}")
+            s, replies = smtp_xoauth2(lab, P.submission_oauth, alice.address, tokens["access_token"])
+            s.quit()
+            expect(replies == [SMTP_535], f"{replies}")
+        finally:
+            oauth.start()
+        refreshed = oauth.refresh(tokens["refresh_token"])
+        challenges, reply = imap_sasl(lab, P.imaps_oauth, "XOAUTH2", alice.address,
+                                      refreshed["access_token"])
+        expect(reply.startswith(b"a OK"), f"{reply!r}")
+        state["refresh"] = refreshed["refresh_token"]   # the restart check uses it
+
+    @check("oauth: no token or client secret in the oidc, dovecot-oauth, postfix logs")
+    def _():
+        logs = "".join(lab.log_tail(w, 2000) for w in ("oidc", "dovecot-oauth", "postfix"))
+        secrets_ = [state["refresh"], *(c.client_secret for c in oauth.clients.values()
+                                         if c.client_secret)]
+        expect(not [x for x in secrets_ if x in logs], "a secret is logged")
+    return state
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
@@ -552,8 +743,10 @@ def main() -> int:
                                         f"(tls {lab.timings.get('tls', 0):.2f}s)")
     if started:
         check("start() again is a no-op")(lambda: expect(lab.start() is lab and lab.running, "?"))
+        oauth_state: dict[str, str] = {}
         try:
             run_checks(lab, workroot)
+            oauth_state = run_oauth_checks(lab)
         finally:
             master_pids = {i.pid for i in lab._dovecots.values() if i.pid} | {os.getpid()}
             check("stop()")(lambda: lab.stop() or f"{lab.timings['stop']:.2f}s")
@@ -573,7 +766,7 @@ def main() -> int:
 
             check("stop() again is a no-op")(lambda: lab.stop())
 
-            @check("restart keeps ports, users and CA")
+            @check("restart keeps ports, users, CA and OAuth grants")
             def _():
                 before = (lab.ports.as_dict(), lab.ca_file.read_bytes())
                 lab.start()
@@ -585,6 +778,9 @@ def main() -> int:
                     c.select("INBOX", readonly=True)
                     c.logout()
                     expect(any(m["Subject"] for m in lab.messages("bcc")), "mail lost")
+                    if oauth_state.get("refresh"):   # the OAuth server's file store
+                        expect(lab.oauth.refresh(oauth_state["refresh"])["scope"] == "mail",
+                               "refresh token lost")
                 finally:
                     lab.stop()
                 expect(not lab_processes(lab), "left behind after restart+stop")

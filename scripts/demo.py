@@ -1,5 +1,5 @@
 """The demo: the mail lab (real Dovecot + Postfix on 127.0.0.1) and `inbox-exporter run`
-checking six inboxes, some broken on purpose. Runs until Ctrl-C (or --duration)."""
+checking seven inboxes, some broken on purpose (one logs in with OAuth 2.0). Runs until Ctrl-C (or --duration)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def free_port(preferred: int | None = None) -> int:
         return s.getsockname()[1]
 
 
-def demo_config(lab: MailLab) -> tuple[dict, dict[str, str]]:
+def demo_config(lab: MailLab, workdir: Path) -> tuple[dict, dict[str, str]]:
     def inbox(name, user="alice", **extra):
         u = lab.users[user]
         entry = {"name": name, "email": u.address, "password_env": f"DEMO_{name.upper()}_PASSWORD",
@@ -56,9 +56,23 @@ def demo_config(lab: MailLab) -> tuple[dict, dict[str, str]]:
     ]
     env = {entry["password_env"]: password for entry, password in inboxes}
     env["DEMO_BILLING_PASSWORD"] = "not-the-password"
+    # An OAuth 2.0 inbox, as Microsoft 365 / Google Workspace need: the lab's authorization
+    # server signs alice in once (what `inbox-exporter oauth login` does with a browser).
+    refresh_token = workdir / "m365.refresh-token"
+    refresh_token.write_text(lab.oauth.refresh_token_for("alice") + "\n")
+    refresh_token.chmod(0o600)
+    client = lab.oauth.clients["exporter"]
+    env["DEMO_CLIENT_SECRET"] = client.client_secret
+    oauth = {"name": "sales-m365", "email": lab.users["alice"].address,
+             "imap": {"host": lab.host, "port": lab.ports.imaps_oauth, "security": "ssl"},
+             "smtp": {"host": lab.host, "port": lab.ports.submission_oauth, "security": "starttls"},
+             "auth": {"method": "oauth2", "token_url": lab.oauth.token_url,
+                      "authorization_url": lab.oauth.authorization_url,
+                      "client_id": client.client_id, "client_secret_env": "DEMO_CLIENT_SECRET",
+                      "refresh_token_file": str(refresh_token), "scope": "mail offline_access"}}
     config = {"defaults": {"interval": "30s", "timeout": "5s", "ca_file": str(lab.ca_file),
                            "test_email": {"to": lab.users["bcc"].address}},
-              "inboxes": [entry for entry, _ in inboxes]}
+              "inboxes": [entry for entry, _ in inboxes] + [oauth]}
     return config, env
 
 
@@ -84,7 +98,7 @@ def main() -> int:
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="inbox-exporter-demo-"))
     with MailLab(workdir / "lab") as lab:
-        config, env = demo_config(lab)
+        config, env = demo_config(lab, workdir)
         path = workdir / "config.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         port = free_port(PORT)
@@ -97,7 +111,7 @@ def main() -> int:
             print(f"Status page: {url}/\nMetrics:     {url}/metrics\nStatus JSON: {url}/api/v1/status\n")
             for i in first_checks(url, [e["name"] for e in config["inboxes"]]):
                 why = f"{i['failing_step']}: {i['category']} / {i['reason']}" if i["category"] else ""
-                print(f"  {i['name']:<11} {i['state']:<8} {why}")
+                print(f"  {i['name']:<11} {i['state']:<8} {i['auth']:<32} {why}")
             print("\nChecks repeat every 30 s. Ctrl-C stops the demo.", flush=True)
             deadline = None if args.duration is None else time.monotonic() + args.duration
             while daemon.poll() is None and (deadline is None or time.monotonic() < deadline):

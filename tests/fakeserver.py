@@ -5,7 +5,7 @@ from public reports (Gmail, Microsoft, older Dovecot) to run through the real cl
 A script is a list of (expect, send) pairs applied in order to each connection:
 `expect` is a regex the client's next line must match (None: don't read), `send` the bytes to
 answer (None: say nothing; CUT: close the connection). `{tag}` in `send` is replaced by the
-IMAP tag of the line read.
+IMAP tag of the command in progress (the last non-empty line read).
 """
 
 from __future__ import annotations
@@ -79,16 +79,18 @@ class FakeServer:
         self.transcripts.append(transcript)
         reader = conn.makefile("rb")
         conn.settimeout(30)
+        tag = ""
         try:
             for expect, send in self.script:
-                tag, line = "", ""
+                line = ""
                 if expect is not None:
                     line = reader.readline().decode("utf-8", "replace").rstrip("\r\n")
                     transcript.append(line)
                     if not re.search(expect, line, re.I):
                         conn.sendall(b"500 unexpected command\r\n")
                         break
-                    tag = line.split(" ", 1)[0]
+                    if line:  # a continuation line (SASL) carries no tag: keep the command's
+                        tag = line.split(" ", 1)[0]
                 if send is CUT:
                     break
                 if send is SILENT:

@@ -165,7 +165,7 @@ def test_metrics_tell_each_scenario_apart_and_pass_promtool(daemon, lab):
     hist = running.samples("inbox_step_latency_seconds_count")
     assert all(set(dict(k)) == {"step", "provider"} for k in hist)
     assert running.value("inbox_info", inbox="healthy", provider="other", imap_host=lab.host,
-                         smtp_host=lab.host) == 1
+                         smtp_host=lab.host, auth="password") == 1
 
     text = running.get("/metrics")
     check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
@@ -428,6 +428,7 @@ def test_the_readme_demo_starts_and_shows_healthy_and_broken_inboxes():
     assert "Status page: http://127.0.0.1:" in out.stdout
     lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  ")}
     assert "ok" in lines["sales"] and "ok" in lines["support"]
+    assert "ok" in lines["sales-m365"] and "oauth2 (xoauth2, refresh_token)" in lines["sales-m365"]
     assert "unauthorized" in lines["billing"] and "connection_refused" in lines["legacy"]
     assert "app_password_required" in lines["marketing"]
     assert "certificate_untrusted" in lines["selfhosted"]

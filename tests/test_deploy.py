@@ -297,9 +297,9 @@ def test_crds_have_the_operator_shape(values):
 
 def test_every_kind_is_checked():
     kinds = {o["kind"] for v in ALL_VALUES for o in render(v)}
-    assert kinds == {"ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget",
-                     "PrometheusRule", "Service", "ServiceAccount", "ServiceMonitor",
-                     "StatefulSet"}, kinds
+    assert kinds == {"ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim",
+                     "PodDisruptionBudget", "PrometheusRule", "Service", "ServiceAccount",
+                     "ServiceMonitor", "StatefulSet"}, kinds
 
 
 # --- the pod --------------------------------------------------------------------------------
@@ -406,6 +406,129 @@ def test_existing_secret():
         assert vols[m["name"]]["secret"]["secretName"] == m["secretName"]
         mount = next(x for x in c["volumeMounts"] if x["name"] == m["name"])
         assert mount == {"name": m["name"], "mountPath": m["mountPath"], "readOnly": True}
+
+
+# --- OAuth refresh tokens (values: oauthTokens) -------------------------------------------
+
+SEED_PATH = "/run/inbox-exporter/oauth-seed"
+
+
+def pod_spec(objects) -> dict:
+    return workload(objects)["spec"]["template"]["spec"]
+
+
+def oauth_values() -> dict:
+    return yaml.safe_load(ci("oauth").read_text())["oauthTokens"]
+
+
+def test_oauth_tokens_claim_seeded_by_an_init_container():
+    """A Deployment: a writable claim at mountPath, seeded from the Secret by an init container
+    that runs restricted like the exporter, and every refresh_token_file inside the volume."""
+    values = oauth_values()
+    objects = render(ci("oauth"))
+    spec, c = pod_spec(objects), container(objects)
+    claim = one(objects, "PersistentVolumeClaim", f"{FULLNAME}-oauth-tokens")["spec"]
+    pvc = values["persistentVolumeClaim"]
+    assert claim == {"accessModes": ["ReadWriteOnce"], "storageClassName": pvc["storageClassName"],
+                     "resources": {"requests": {"storage": pvc["size"]}}}
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["oauth-tokens"] == {"name": "oauth-tokens", "persistentVolumeClaim": {
+        "claimName": f"{FULLNAME}-oauth-tokens"}}
+    assert vols["oauth-tokens-seed"]["secret"] == {"secretName": values["existingSecret"],
+                                                   "defaultMode": 0o440}
+    mount_path = "/var/lib/inbox-exporter/oauth"  # the default
+    # the exporter writes rotated tokens there; it never sees the seed
+    assert {"name": "oauth-tokens", "mountPath": mount_path} in c["volumeMounts"]
+    assert "oauth-tokens-seed" not in {m["name"] for m in c["volumeMounts"]}
+    config = yaml.safe_load(one(objects, "ConfigMap", FULLNAME)["data"]["config.yaml"])
+    files = [i["auth"]["refresh_token_file"] for i in config["inboxes"]
+             if "refresh_token_file" in i.get("auth", {})]
+    assert files and all(f.startswith(mount_path + "/") for f in files), files
+
+    [init] = spec["initContainers"]
+    assert init["name"] == "oauth-tokens" and init["image"] == c["image"]
+    assert init["securityContext"] == c["securityContext"]  # restricted, read-only root, 65532
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    assert spec["securityContext"]["fsGroup"] == UID  # the volume is the exporter's to write
+    assert init["volumeMounts"] == [
+        {"name": "oauth-tokens", "mountPath": mount_path},
+        {"name": "oauth-tokens-seed", "mountPath": SEED_PATH, "readOnly": True}]
+    assert init["command"][:2] == ["sh", "-ec"] and init["command"][3:] == [
+        "oauth-tokens", SEED_PATH, mount_path]
+
+
+def test_oauth_tokens_sharded_get_a_claim_per_pod():
+    """The StatefulSet variant: one claim per shard from volumeClaimTemplates, none made by the
+    chart, each seeded by the init container."""
+    objects = render(ci("everything"))
+    sts = one(objects, "StatefulSet", FULLNAME)
+    [template] = sts["spec"]["volumeClaimTemplates"]
+    assert template["metadata"]["name"] == "oauth-tokens"
+    assert template["spec"] == {"accessModes": ["ReadWriteOnce"],
+                                "resources": {"requests": {"storage": "128Mi"}}}
+    assert not find(objects, "PersistentVolumeClaim")
+    spec = pod_spec(objects)
+    assert "oauth-tokens" not in {v["name"] for v in spec["volumes"]}  # the template's claim
+    assert {"name": "oauth-tokens", "mountPath": "/var/lib/inbox-exporter/oauth"} \
+        in container(objects)["volumeMounts"]
+    [init] = spec["initContainers"]
+    assert {"name": "oauth-tokens", "mountPath": "/var/lib/inbox-exporter/oauth"} \
+        in init["volumeMounts"]
+    # an existing claim cannot serve several pods
+    proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION,
+                "-f", str(ci("everything")),
+                "--set", "oauthTokens.persistentVolumeClaim.existingClaim=tokens", check=False)
+    assert proc.returncode != 0 and "existingClaim works with shards: 1 only" in proc.stderr
+
+
+def test_oauth_tokens_emptydir_and_existing_claim():
+    objects = render(None, "oauthTokens.enabled=true")
+    vols = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    assert vols["oauth-tokens"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
+    assert "oauth-tokens-seed" not in vols and "initContainers" not in pod_spec(objects)
+    assert not find(objects, "PersistentVolumeClaim")
+    objects = render(ci("oauth"), "oauthTokens.persistentVolumeClaim.existingClaim=tokens")
+    assert not find(objects, "PersistentVolumeClaim")
+    vols = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    assert vols["oauth-tokens"]["persistentVolumeClaim"] == {"claimName": "tokens"}
+    # off by default: nothing of it
+    text = yaml.safe_dump_all(render())
+    assert "oauth-tokens" not in text
+
+
+def test_oauth_seed_script(tmp_path):
+    """The init container's script on a Secret volume as the kubelet lays it out (keys are
+    links into ..data): copies each key, 0600; keeps a token the exporter rotated while the
+    Secret is unchanged; takes the Secret's value again once it changes."""
+    [init] = pod_spec(render(ci("oauth")))["initContainers"]
+    script = init["command"][2]
+    seed, tokens = tmp_path / "seed", tmp_path / "tokens"
+    (seed / "..2024_01_01").mkdir(parents=True)
+    tokens.mkdir()
+    (seed / "..data").symlink_to("..2024_01_01")
+    for key, value in (("sales-m365", "seed-1"), ("sales-gws", "seed-g")):
+        (seed / "..2024_01_01" / key).write_text(value + "\n")
+        (seed / key).symlink_to(f"..data/{key}")
+
+    def run_init() -> str:
+        return run("sh", "-ec", script, "oauth-tokens", str(seed), str(tokens)).stdout
+
+    out = run_init()
+    assert "sales-m365: copied" in out and "sales-gws: copied" in out
+    for key, value in (("sales-m365", "seed-1"), ("sales-gws", "seed-g")):
+        assert (tokens / key).read_text() == value + "\n"
+        assert (tokens / key).stat().st_mode & 0o777 == 0o600
+    assert {p.name for p in tokens.iterdir()} == {"sales-m365", "sales-gws", ".seeded"}
+    # the exporter rotated a token; a restart must not put the Secret's older one back
+    (tokens / "sales-m365").write_text("rotated\n")
+    assert "sales-m365: kept" in run_init()
+    assert (tokens / "sales-m365").read_text() == "rotated\n"
+    # a new sign-in put into the Secret wins
+    (seed / "..2024_01_01" / "sales-m365").write_text("seed-2\n")
+    out = run_init()
+    assert "sales-m365: copied" in out and "sales-gws: kept" in out
+    assert (tokens / "sales-m365").read_text() == "seed-2\n"
+    assert (tokens / "sales-gws").read_text() == "seed-g\n"
 
 
 def test_checksum_follows_the_config():
@@ -562,6 +685,10 @@ def test_pdb():
     "shards=0",                              # out of range
     "log.format=text",                       # not an allowed value
     "service.port=70000",                    # not a port
+    "oauthTokens.enable=true",               # unknown nested key (enabled)
+    "oauthTokens.persistentVolumeClaim.storageClass=fast",  # unknown (storageClassName)
+    "oauthTokens.storage=hostPath",          # not an allowed value
+    "oauthTokens.mountPath=/etc/inbox-exporter/oauth",  # inside the config volume
 ])
 def test_schema_rejects_typos(setting):
     proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION,

@@ -115,11 +115,14 @@ RULES: tuple[Rule, ...] = (
     Rule(Reason.TLS_REQUIRED, SETTINGS, steps=LOGIN_STEPS,
          text=r"PRIVACYREQUIRED|plaintext authentication disallowed|must issue a STARTTLS"
               r"|encryption required|\b5\.7\.11\b|TLS required"),
+    # The mail server said no to a token (an error challenge's JSON status, or the final NO).
+    # Before the basic-auth row: Exchange's "SmtpClientAuthentication is disabled" refuses
+    # tokens too (SMTP AUTH is off for the mailbox), and "move to OAuth" would be no help then.
+    Rule(Reason.OAUTH_TOKEN_REJECTED, Category.UNAUTHORIZED, errors=(errors.OAuthLoginRefused,),
+         text=_AUTH_FAILED + r"|status=40\d|invalid_token|authentication unsuccessful"
+              r"|SmtpClientAuthentication is disabled"),
     Rule(Reason.BASIC_AUTH_DISABLED, Category.UNAUTHORIZED, steps=LOGIN_STEPS,
          text=_BASIC_AUTH_DISABLED),
-    # The mail server said no to a token (an error challenge's JSON status, or the final NO).
-    Rule(Reason.OAUTH_TOKEN_REJECTED, Category.UNAUTHORIZED, errors=(errors.OAuthLoginRefused,),
-         text=_AUTH_FAILED + r"|status=40\d|invalid_token|authentication unsuccessful"),
     Rule(Reason.AUTH_FAILED, Category.UNAUTHORIZED, steps=LOGIN_STEPS, text=_AUTH_FAILED),
     Rule(Reason.IP_NOT_ALLOWED, text=r"client host rejected|client host \S+ blocked"
          r"|not (allowed|permitted) from|from this (ip|location|network)"
@@ -274,8 +277,8 @@ HINTS: Mapping[Reason, str] = {
     Reason.OAUTH_TOKEN_REJECTED: "The {proto} server refused a valid access token: it is for "
                                  "another user, lacks the mail scope, or the app was not granted "
                                  "access to this mailbox (Microsoft 365 app-only: a service "
-                                 "principal with a mailbox permission; Google: the scope "
-                                 "https://mail.google.com/).",
+                                 "principal with a mailbox permission, and SMTP AUTH enabled "
+                                 "for the mailbox; Google: the scope https://mail.google.com/).",
     Reason.TOO_MANY_CONNECTIONS: "The server limits simultaneous connections to this mailbox (or "
                                  "from this IP) and the limit is reached. Close other clients of "
                                  "the mailbox, or ask your IT team to raise the limit.",

@@ -49,7 +49,9 @@ class Exporter:
         self._reload_lock = threading.Lock()
         config = self._load()  # raises ConfigError: a bad config at start-up is fatal
         self.limits = ConnectionLimits(config.checks.max_connections_per_host)
-        self.tokens = TokenCache()  # one per process: checks and delivery polls share tokens
+        # One per process: checks and delivery polls share tokens.
+        self.tokens = TokenCache(
+            on_request=lambda outcome: self.metrics.oauth_token_requests.labels(outcome).inc())
         self.checker = Checker(self.limits, tokens=self.tokens)
         self.confirmer = DeliveryConfirmer(self.limits, on_result=self._delivered,
                                            tokens=self.tokens)

@@ -25,6 +25,7 @@ from prometheus_client.exposition import generate_latest
 
 from . import __version__
 from .model import ALL_STEPS, CheckResult, Status
+from .oauth.tokens import OUTCOMES
 from .store import InboxState
 
 disable_created_metrics()  # *_created series double the counters and say nothing useful here
@@ -76,7 +77,8 @@ def render_inbox(state: InboxState, expose_email: bool = False) -> dict[str, str
         extra = "".join(f',{k}="{_escape(str(v))}"' for k, v in labels.items())
         lines[family].append(f'{family}{{inbox="{name}"{extra}}} {_num(value)}\n')
 
-    info = {"provider": inbox.provider, "imap_host": inbox.imap.host, "smtp_host": inbox.smtp.host}
+    info = {"provider": inbox.provider, "imap_host": inbox.imap.host, "smtp_host": inbox.smtp.host,
+            "auth": "oauth2" if inbox.oauth else "password"}
     if expose_email:
         info["email"] = inbox.email
     add("inbox_info", 1, **info)
@@ -185,6 +187,12 @@ class ExporterMetrics:
             "inbox_exporter_alerts_sent", "Alert notifications by sink and result "
             "(success, failure after retries or a permanent error, dropped from a full queue).",
             ["sink", "result"], registry=registry)
+        self.oauth_token_requests = Counter(
+            "inbox_exporter_oauth_token_requests", "Requests to OAuth token endpoints by result "
+            "(ok, invalid_grant, invalid_client, unavailable): one per token lifetime and "
+            "account, not one per check.", ["result"], registry=registry)
+        for outcome in OUTCOMES:
+            self.oauth_token_requests.labels(outcome)
         self.alerts_firing = Gauge("inbox_exporter_alerts_firing",
                                    "Inboxes with an alert firing now.", registry=registry)
 

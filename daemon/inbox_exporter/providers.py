@@ -70,6 +70,9 @@ PROVIDERS: dict[str, Provider] = {
                         "https://outlook.office.com/IMAP.AccessAsUser.All "
                         "https://outlook.office.com/SMTP.Send offline_access",
                         "https://outlook.office365.com/.default",
+                        # select_account, not consent: in tenants where only an admin may
+                        # consent, prompt=consent would block the sign-in.
+                        (("prompt", "select_account"),),
                         default_tenant="organizations"),
         ),
         Provider(

@@ -38,6 +38,9 @@ def inbox_status(state: InboxState, next_run: float | None) -> dict:
         "provider": state.inbox.provider,
         "imap": f"{state.inbox.imap.host}:{state.inbox.imap.port} ({state.inbox.imap.security})",
         "smtp": f"{state.inbox.smtp.host}:{state.inbox.smtp.port} ({state.inbox.smtp.security})",
+        # how it logs in: "password", or "oauth2 (xoauth2, refresh_token)"; never a secret
+        "auth": (f"oauth2 ({state.inbox.oauth.mechanism}, {state.inbox.oauth.grant})"
+                 if state.inbox.oauth else "password"),
         "state": state_word(state),
         "ok": None if last is None else last.ok,
         "failing_step": first_failure.step.value if first_failure else None,

@@ -3,11 +3,14 @@
     from maillab import MailLab, LabError
     with MailLab(tmp_path / "lab") as lab:
         lab.ports.imaps, lab.ca_file, lab.users["alice"].password, ...
+        lab.oauth.refresh_token_for("alice"), lab.ports.imaps_oauth, ...
 
 See lab/README.md for what is started and the quirks behind the config.
 """
 from .errors import LabError
 from .lab import APP_PASSWORD_REASON, LabUser, MailLab, Ports
+from .oauth import OAuthClient, OAuthError, OAuthServer
 from .tls import TlsFiles
 
-__all__ = ["MailLab", "LabError", "LabUser", "Ports", "TlsFiles", "APP_PASSWORD_REASON"]
+__all__ = ["MailLab", "LabError", "LabUser", "Ports", "TlsFiles", "APP_PASSWORD_REASON",
+           "OAuthServer", "OAuthClient", "OAuthError"]

@@ -7,6 +7,7 @@ file, and can wait() for it).  Nothing from /etc/dovecot is included.
 """
 from __future__ import annotations
 
+import grp
 import os
 import subprocess
 from dataclasses import dataclass
@@ -19,6 +20,14 @@ from .util import (ENV_MARKER, is_alive, new_lines_matching, tail_file, tail_sin
 DOVECOT = "/usr/sbin/dovecot"
 
 
+def _dovecot_gid() -> int:
+    """Group of Dovecot's unprivileged internal user (the auth process runs as it)."""
+    try:
+        return grp.getgrnam("dovecot").gr_gid
+    except KeyError:
+        return 0
+
+
 @dataclass
 class DovecotSpec:
     name: str                      # "main", "limited", "selfsigned", ...
@@ -27,8 +36,13 @@ class DovecotSpec:
     imaps_port: int
     imap_port: int = 0             # 0: no plain/STARTTLS listener
     lmtp_port: int = 0             # 0: no LMTP (only the main instance delivers)
-    auth_socket: bool = False      # main only: SASL socket for Postfix
+    auth_socket: bool = False      # SASL socket for Postfix (main, oauth)
     max_userip_connections: int = 100
+    oauth2_conf: str | None = None  # oauth2 passdb args file text: XOAUTH2/OAUTHBEARER on
+
+    @property
+    def mechanisms(self) -> str:
+        return "plain login xoauth2 oauthbearer" if self.oauth2_conf else "plain login"
 
 
 class DovecotInstance:
@@ -77,7 +91,7 @@ class DovecotInstance:
             "# address are the same (127.0.0.1 -> 127.0.0.1) as secured: plaintext",
             "# LOGIN works there without STARTTLS.  From 127.0.0.2 it does not.",
             "disable_plaintext_auth = yes",
-            "auth_mechanisms = plain login",
+            f"auth_mechanisms = {s.mechanisms}",
             "auth_verbose = yes",
             "auth_cache_size = 0",
             "# With nodelay (below) failures are answered at once anyway; 0 is for",
@@ -123,14 +137,18 @@ class DovecotInstance:
             "#    fails.  `nodelay` on a failed request makes Dovecot 2.3 answer at",
             "#    once AND skip the anvil auth-penalty update, so one failed login",
             "#    no longer delays the next logins from 127.0.0.1 by 2-15 s.",
+            "#    Every passdb names its mechanisms: an OAuth token travels down the",
+            "#    chain like a password, and must never meet a password passdb.",
             "passdb {",
             "  driver = static",
+            f"  mechanisms = {s.mechanisms}",
             "  args = nopassword=y noauthenticate=y nodelay=y",
             "}",
             "# 2) deny passdb: users listed under deny/ are refused (IMAP and SMTP",
             "#    AUTH) with their `reason` field: `NO [ALERT] <reason>` / `535 ...`.",
             "passdb {",
             "  driver = dict",
+            "  mechanisms = plain login",
             "  deny = yes",
             f"  args = {self.users_dir}/dict-deny.conf",
             "}",
@@ -140,8 +158,10 @@ class DovecotInstance:
             "#    stat its file at most once per second and could miss a change.",
             "passdb {",
             "  driver = dict",
+            "  mechanisms = plain login",
             f"  args = {self.users_dir}/dict-users.conf",
             "}",
+            *self._oauth2_passdb(),
             "userdb {",
             "  driver = dict",
             f"  args = {self.users_dir}/dict-users.conf",
@@ -195,9 +215,31 @@ class DovecotInstance:
             ]
         return "\n".join(lines) + "\n"
 
+    @property
+    def oauth2_conf_path(self) -> Path:
+        return self.conf_dir / "dovecot-oauth2.conf.ext"
+
+    def _oauth2_passdb(self) -> list[str]:
+        if not self.spec.oauth2_conf:
+            return []
+        return [
+            "# 4) OAuth 2.0 bearer tokens (XOAUTH2, OAUTHBEARER), checked by RFC 7662",
+            "#    introspection at the lab's authorization server on every login.",
+            "passdb {",
+            "  driver = oauth2",
+            "  mechanisms = xoauth2 oauthbearer",
+            f"  args = {self.oauth2_conf_path}",
+            "}",
+        ]
+
     def write_config(self) -> None:
         self.conf_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(exist_ok=True)
+        if self.spec.oauth2_conf:
+            # holds the introspection client's secret; read by the auth process
+            # (user dovecot) when it starts
+            write_file(self.oauth2_conf_path, self.spec.oauth2_conf, 0o640,
+                       owner=(0, _dovecot_gid()))
         write_file(self.conf_path, self.render(), 0o644)
 
     # ------------------------------------------------------------ run

@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 from . import tls as _tls
 from .dovecot import DovecotInstance, DovecotSpec
 from .errors import LabError
+from .oauth import OAuthServer
+from .oauth import check_installed as _check_oauth_installed
 from .postfix import PostfixInstance, SmtpListener
 from .util import (ENV_MARKER, SAFE_PATH_CHARS, allocate_ports, is_alive, make_traversable,
                    pids_with_cmdline, pids_with_env, port_accepts, port_is_free, read_banner, tail_file,
@@ -35,6 +37,8 @@ HOSTNAME = "mail.example.test"
 APP_PASSWORD_REASON = ("Application-specific password required: "
                        "https://support.google.com/accounts/answer/185833")
 NETUSER_ALLOW_NETS = "10.0.0.0/8"
+# the mailbox the `daemon-app` OAuth client (client_credentials) is bound to
+DAEMON_APP_USER = "alice"
 _LOCAL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 # sun_path is 108 bytes; Dovecot's longest socket below base_dir is ~25 chars
@@ -52,7 +56,8 @@ class LabUser:
 class Ports:
     """All on 127.0.0.1.  imap_* are plain IMAP with STARTTLS offered,
     imaps_* implicit TLS, submission_* STARTTLS (required before AUTH),
-    smtps_* implicit TLS (wrapper mode)."""
+    smtps_* implicit TLS (wrapper mode).  *_oauth: XOAUTH2/OAUTHBEARER besides
+    passwords; oidc: the OAuth authorization server (http)."""
     imaps: int
     imap: int
     lmtp: int
@@ -72,6 +77,11 @@ class Ports:
     submission_expired: int
     submission_wronghost: int
     submission_client_rejected: int
+    imaps_oauth: int
+    imap_oauth: int
+    submission_oauth: int
+    smtps_oauth: int
+    oidc: int
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -121,6 +131,9 @@ class MailLab:
         self._lock_fd: int | None = None
         self._dovecots: dict[str, DovecotInstance] = {}
         self._postfix: PostfixInstance | None = None
+        self.oauth = OAuthServer(lab_id=self.id, workdir=self.workdir, log_dir=self.logs_dir,
+                                 accounts=self._accounts(),
+                                 daemon_mailbox=self.users[DAEMON_APP_USER].address)
         self._running = False
         self.timings: dict[str, float] = {}
         mail = None
@@ -164,6 +177,10 @@ class MailLab:
         """ssl.SSLContext trusting only the lab CA (hostname checking on)."""
         import ssl
         return ssl.create_default_context(cafile=str(self.ca_file))
+
+    def _accounts(self) -> dict[str, str]:
+        """Accounts of the OAuth server's login page: every lab user, same password."""
+        return {u.address: u.password for u in self.users.values()}
 
     def _new_user(self, local: str, password: str) -> LabUser:
         if not _LOCAL_RE.match(local):
@@ -223,7 +240,7 @@ class MailLab:
         self._kill_leftovers_of(previous)
         # the servers open files below workdir after dropping root
         make_traversable(w)
-        for d in (self.logs_dir, self.users_dir, w / "dovecot", w / "postfix"):
+        for d in (self.logs_dir, self.users_dir, w / "dovecot", w / "postfix", w / "oidc"):
             d.mkdir(exist_ok=True)
             d.chmod(0o755)
         self.mail_dir.mkdir(exist_ok=True)
@@ -295,6 +312,9 @@ class MailLab:
                         imaps_port=p.imaps_expired, imap_port=p.imap_expired),
             DovecotSpec("wronghost", t.wronghost_cert, t.wronghost_key,
                         imaps_port=p.imaps_wronghost, imap_port=p.imap_wronghost),
+            DovecotSpec("oauth", t.good_cert, t.good_key, imaps_port=p.imaps_oauth,
+                        imap_port=p.imap_oauth, auth_socket=True,
+                        oauth2_conf=self.oauth.dovecot_conf()),
         ]
 
     def _smtp_listeners(self, p: Ports) -> list[SmtpListener]:
@@ -304,6 +324,9 @@ class MailLab:
                SmtpListener("smtps", p.smtps, wrapper=True),
                SmtpListener("submission_client_rejected", p.submission_client_rejected,
                             wrapper=False, client_rejected=True)]
+        oauth_sasl = self._dovecots["oauth"].auth_socket_path
+        out += [SmtpListener("submission_oauth", p.submission_oauth, False, sasl_path=oauth_sasl),
+                SmtpListener("smtps_oauth", p.smtps_oauth, True, sasl_path=oauth_sasl)]
         for kind in ("selfsigned", "expired", "wronghost"):
             cert, key = t.pair(kind)
             out.append(SmtpListener(f"smtps_{kind}", getattr(p, f"smtps_{kind}"), True, cert, key))
@@ -314,6 +337,8 @@ class MailLab:
     def _start_servers(self, p: Ports) -> None:
         assert self.run_dir is not None and self.tls is not None
         self._write_user_db()
+        # before the Dovecot configs: the oauth instance's passdb needs the server's URL
+        self.oauth.write_config(p.oidc)
         self._dovecots = {}
         for spec in self._dovecot_specs(p):
             inst = DovecotInstance(spec, lab_id=self.id, workdir=self.workdir,
@@ -329,7 +354,8 @@ class MailLab:
             listeners=self._smtp_listeners(p))
         self._postfix.write_config([u.address for u in self.users.values()])
 
-        # Dovecot masters start in the background while Postfix starts.
+        # Dovecot masters and node start in the background while Postfix starts.
+        self.oauth.launch()
         for inst in self._dovecots.values():
             # we hold the workdir lock and killed any leftovers: a master.pid
             # here is stale (its pid may even be reused by now)
@@ -344,6 +370,9 @@ class MailLab:
                 why = inst.died()
                 if why:
                     return why
+            why = self.oauth.died()
+            if why:
+                return why
             return self._postfix.died() if self._postfix else None
 
         pending = dict(p.as_dict())
@@ -363,6 +392,9 @@ class MailLab:
                 stage[0] = "IMAP greeting and SASL socket"
                 ok = wait_until(lambda: read_banner(p.imap).startswith(b"* OK")
                                 and self.auth_socket.exists(), deadline, 0.02, abort=died)
+            if ok:
+                stage[0] = "OAuth server discovery document"
+                ok = wait_until(self.oauth.ready, deadline, 0.02, abort=died)
             if ok:
                 stage[0] = "SMTP greeting"
                 ok = wait_until(lambda: read_banner(p.submission).startswith(b"220"),
@@ -388,6 +420,7 @@ class MailLab:
             "imaps_selfsigned": "selfsigned", "smtps_selfsigned": "selfsigned",
             "imaps_expired": "expired", "smtps_expired": "expired",
             "imaps_wronghost": "wronghost", "smtps_wronghost": "wronghost",
+            "imaps_oauth": "good", "smtps_oauth": "good",
         }
         assert self.tls is not None
         pems = {k: ssl.PEM_cert_to_DER_cert(self.tls.pair(k)[0].read_text())
@@ -413,6 +446,7 @@ class MailLab:
 
     def _all_log_excerpts(self) -> str:
         parts = [inst.log_excerpt(15) for inst in self._dovecots.values()]
+        parts.append(self.oauth.log_excerpt(15))
         if self._postfix:
             parts.append(self._postfix.log_excerpt(30))
         return "\n".join(parts)
@@ -421,7 +455,8 @@ class MailLab:
     def stop(self) -> None:
         """Stop every server of this lab and wait until they are gone.
         Safe to call twice, or on a lab that never started."""
-        if not self._running and self._postfix is None and not self._dovecots:
+        if (not self._running and self._postfix is None and not self._dovecots
+                and self.oauth.proc is None):
             return
         t0 = time.monotonic()
         try:
@@ -446,6 +481,8 @@ class MailLab:
         # every master (Postfix + the Dovecot instances) and all their
         # children are signalled together: one wait for everything
         procs = [i.proc for i in self._dovecots.values() if i.proc is not None]
+        if self.oauth.proc is not None:
+            procs.append(self.oauth.proc)
         roots = [p.pid for p in procs]
         if self._postfix is not None:
             pid = self._postfix.master_pid or self._postfix.read_master_pid()
@@ -458,6 +495,7 @@ class MailLab:
         for inst in self._dovecots.values():
             inst.proc = None
             inst.cleanup_pidfile()
+        self.oauth.proc = None
         # stragglers forked after we listed the trees, or orphans; match by
         # workdir only while we hold its lock (it may be another lab's)
         left = _lab_pids(self.id, self.workdir if self._lock_fd is not None else None)
@@ -522,6 +560,7 @@ class MailLab:
             raise LabError(f"user {local!r} exists already (use set_password)")
         user = self._new_user(local, password)
         self.users[local] = user
+        self.oauth.set_accounts(self._accounts())
         if self._running:
             self._write_user_db()
             assert self._postfix is not None
@@ -534,6 +573,7 @@ class MailLab:
             raise LabError(f"no such user {local!r}")
         user = self._new_user(local, new_password)
         self.users[local] = user
+        self.oauth.set_accounts(self._accounts())
         if self._running:
             self._write_user_db()
         return user
@@ -605,13 +645,14 @@ class MailLab:
     def log_files(self) -> dict[str, Path]:
         names = {"dovecot": self.logs_dir / "dovecot.log",
                  "postfix": self.logs_dir / "postfix.log"}
-        for n in ("limited", "selfsigned", "expired", "wronghost"):
+        for n in ("limited", "selfsigned", "expired", "wronghost", "oauth"):
             names[f"dovecot-{n}"] = self.logs_dir / f"dovecot-{n}.log"
+        names["oidc"] = self.oauth.log_path
         return names
 
     def log_tail(self, which: str = "dovecot", lines: int = 50) -> str:
-        """Tail of a server log: "dovecot", "dovecot-limited",
-        "dovecot-selfsigned", "dovecot-expired", "dovecot-wronghost", "postfix"."""
+        """Tail of a server log: "dovecot", "dovecot-limited", "dovecot-selfsigned",
+        "dovecot-expired", "dovecot-wronghost", "dovecot-oauth", "postfix", "oidc"."""
         files = self.log_files()
         if which == "dovecot-main":
             which = "dovecot"
@@ -647,12 +688,13 @@ class MailLab:
 
 
 def _lab_pids(lab_id: str | None, workdir: Path | None) -> list[int]:
-    """Live processes of a lab.  Postfix processes carry MAILLAB_LAB=<id> in
-    their environment; Dovecot blanks its environment area (process titles),
-    so its processes are found by command line instead: masters by
-    `-c <workdir>/dovecot/`, children by their instance name
-    `dovecot-maillab-<id>-<instance>/...`."""
-    needles = [f" -c {workdir}/dovecot/"] if workdir is not None else []
+    """Live processes of a lab.  Postfix processes and the OAuth server (node)
+    carry MAILLAB_LAB=<id> in their environment; Dovecot blanks its environment
+    area (process titles), so its processes are found by command line instead:
+    masters by `-c <workdir>/dovecot/`, children by their instance name
+    `dovecot-maillab-<id>-<instance>/...`.  node also by its config path."""
+    needles = ([f" -c {workdir}/dovecot/", f" {workdir}/oidc/config.json"]
+               if workdir is not None else [])
     if lab_id:
         needles.append(f"maillab-{lab_id}-")
     pids = set(pids_with_cmdline(*needles)) if needles else set()
@@ -681,6 +723,7 @@ def _preflight() -> None:
     if missing:
         raise LabError("missing packages: " + " ".join(missing) +
                        " (scripts/setup installs them)")
+    _check_oauth_installed()
 
 
 # ---------------------------------------------------------------- iptables

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LabError
-from .util import (ENV_MARKER, is_alive, new_lines_matching, run_tty, subreaper, tail_since,
+from .util import (ENV_MARKER, is_alive, log_excerpt, new_lines_matching, run_tty, subreaper,
                    terminate_tree, write_file)
 
 POSTFIX = "/usr/sbin/postfix"
@@ -35,6 +35,7 @@ class SmtpListener:
     cert: Path | None = None  # per-port certificate; None = the good one
     key: Path | None = None
     client_rejected: bool = False
+    sasl_path: Path | None = None  # another Dovecot's SASL socket (the oauth instance)
 
 
 class PostfixInstance:
@@ -163,6 +164,9 @@ delay_warning_time = 0h
                 # per-port certificate (never smtpd_tls_chain_files: it would win)
                 rows.append(f"  -o smtpd_tls_cert_file={l.cert}")
                 rows.append(f"  -o smtpd_tls_key_file={l.key}")
+            if l.sasl_path is not None:
+                # AUTH through another Dovecot instance (XOAUTH2/OAUTHBEARER there)
+                rows.append(f"  -o smtpd_sasl_path={l.sasl_path}")
             if l.client_rejected:
                 # AUTH works; with smtpd_delay_reject=yes the client restriction
                 # fires at RCPT: 554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: Access denied
@@ -277,8 +281,7 @@ delay_warning_time = 0h
         return None
 
     def log_excerpt(self, lines: int = 30) -> str:
-        t = tail_since(self.log_path, self._log_offset, lines)
-        return f"--- {self.log_path} (tail) ---\n{t}" if t.strip() else f"(no output in {self.log_path})"
+        return log_excerpt(self.log_path, self._log_offset, lines)
 
     def stop(self, timeout: float = 5.0) -> list[int]:
         """Equivalent of `postfix stop` (SIGTERM to the master) without its

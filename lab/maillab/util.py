@@ -59,6 +59,12 @@ def tail_since(path: Path, offset: int, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def log_excerpt(path: Path, offset: int, lines: int = 30) -> str:
+    """What a server logged since byte `offset`, headed by the file name (for LabError texts)."""
+    t = tail_since(path, offset, lines)
+    return f"--- {path} (tail) ---\n{t}" if t.strip() else f"(no output in {path})"
+
+
 def new_lines_matching(path: Path, offset: int, needles: tuple[str, ...]) -> str | None:
     """First line written to `path` after byte `offset` containing one of
     `needles` (None if there is none)."""

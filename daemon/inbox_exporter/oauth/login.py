@@ -91,7 +91,8 @@ def login(inbox: Inbox, *, say: Callable[[str], None] = print, timeout: float = 
     try:
         params = dict(oauth.authorize_params)
         if "offline_access" in (oauth.scope or "").split():
-            # OpenID Connect issues a refresh token for offline_access only after consent.
+            # OpenID Connect issues a refresh token for offline_access only after consent;
+            # a preset's own prompt (Microsoft: select_account) wins.
             params.setdefault("prompt", "consent")
         verifier = generate_token(48)
         url, state = client.create_authorization_url(

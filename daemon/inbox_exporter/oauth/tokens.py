@@ -33,6 +33,11 @@ REFRESH_MARGIN = 300.0  # refresh at most this long before expiry...
 REFRESH_FRACTION = 0.25  # ...or when a quarter of the lifetime is left, if that is sooner
 DEFAULT_LIFETIME = 3600.0  # when the server does not say (expires_in is RECOMMENDED only)
 
+# How a token request ended: a closed set (a metric label).
+OUTCOMES = ("ok", "invalid_grant", "invalid_client", "unavailable")
+_OUTCOME = {errors.OAuthInvalidGrant: "invalid_grant", errors.OAuthInvalidClient: "invalid_client",
+            errors.OAuthEndpointUnavailable: "unavailable"}
+
 # Token endpoint error codes (RFC 6749 5.2) -> our exception. The client registration's
 # problems (wrong secret, grant or scope not allowed) are all the client's.
 _ERRORS: dict[str, type[errors.OAuthTokenError]] = {
@@ -75,9 +80,11 @@ class TokenCache:
     `transport` is the test seam (an httpx transport); `clock` drives expiry in tests."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None,
+                 on_request: Callable[[str], None] = lambda outcome: None):
         self._clock = clock
         self._transport = transport
+        self._on_request = on_request  # one call per round trip, with its OUTCOMES value
         self._accounts: dict[tuple[str, ...], _Account] = {}
         self._guard = threading.Lock()
         self.requests = 0  # token endpoint round trips, for the benchmark and tests
@@ -143,6 +150,16 @@ class TokenCache:
         return account.refresh_token
 
     def _fetch(self, oauth: OAuth2, account: _Account, timeout: float) -> dict:
+        self.requests += 1
+        try:
+            token = self._request(oauth, account, timeout)
+        except errors.OAuthTokenError as e:
+            self._on_request(_OUTCOME.get(type(e), "unavailable"))
+            raise
+        self._on_request("ok")
+        return token
+
+    def _request(self, oauth: OAuth2, account: _Account, timeout: float) -> dict:
         secret = oauth.client_secret.get_secret_value() if oauth.client_secret else None
         refresh = self._refresh_token(oauth, account) if oauth.grant == "refresh_token" else None
         try:
@@ -153,7 +170,6 @@ class TokenCache:
                 transport=self._transport)
         except (OSError, ssl.SSLError) as e:
             raise errors.OAuthEndpointUnavailable(f"cannot use ca_file: {e}") from e
-        self.requests += 1
         try:
             with client:
                 if refresh is not None:

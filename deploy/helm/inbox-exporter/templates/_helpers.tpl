@@ -98,6 +98,63 @@ key are hashed instead; roll the pods yourself after changing it (see values.yam
 {{- end }}
 {{- end }}
 
+{{/*
+oauthTokens: the writable volume for OAuth refresh tokens. With persistentVolumeClaim storage a
+Deployment mounts one claim (existingClaim, or <fullname>-oauth-tokens from pvc.yaml); a
+StatefulSet gets one claim per pod from its volumeClaimTemplates, so the pod spec has no volume.
+*/}}
+{{- define "inbox-exporter.oauthTokensPVC" -}}
+{{- $o := .Values.oauthTokens }}
+{{- if and $o.enabled (eq $o.storage "persistentVolumeClaim") }}
+{{- if and $o.persistentVolumeClaim.existingClaim (include "inbox-exporter.sharded" .) }}
+{{- fail "oauthTokens.persistentVolumeClaim.existingClaim works with shards: 1 only: with shards each pod gets its own claim (leave existingClaim empty)" }}
+{{- end }}true
+{{- end }}
+{{- end }}
+
+{{- define "inbox-exporter.oauthTokensClaimName" -}}
+{{- .Values.oauthTokens.persistentVolumeClaim.existingClaim | default (printf "%s-oauth-tokens" (include "inbox-exporter.fullname" .)) }}
+{{- end }}
+
+{{/* A PersistentVolumeClaim's spec: the created claim and the StatefulSet's template. */}}
+{{- define "inbox-exporter.oauthTokensClaimSpec" -}}
+{{- $c := .Values.oauthTokens.persistentVolumeClaim -}}
+accessModes:
+  {{- toYaml $c.accessModes | nindent 2 }}
+{{- with $c.storageClassName }}
+storageClassName: {{ . | quote }}
+{{- end }}
+resources:
+  requests:
+    storage: {{ $c.size | quote }}
+{{- end }}
+
+{{/*
+The init container's script: copy each key of the seed Secret ($1) to the token directory ($2),
+mode 0600, when the file is missing or the key changed since it was last copied (its digest is
+kept in $2/.seeded/); a token the exporter rotated since is left alone. Files are replaced
+atomically (a temporary file, then mv).
+*/}}
+{{- define "inbox-exporter.oauthSeedScript" -}}
+umask 077
+seed="$1" dir="$2"
+mkdir -p "$dir/.seeded"
+for src in "$seed"/*; do
+  [ -f "$src" ] || continue
+  name="${src##*/}"
+  digest="$(sha256sum < "$src")"
+  if [ -s "$dir/$name" ] && [ "$(cat "$dir/.seeded/$name" 2>/dev/null || true)" = "$digest" ]; then
+    echo "oauth-tokens: $name: kept (the Secret's value is unchanged since it was copied)"
+    continue
+  fi
+  cp "$src" "$dir/.$name.tmp"
+  chmod 0600 "$dir/.$name.tmp"
+  mv -f "$dir/.$name.tmp" "$dir/$name"
+  printf '%s\n' "$digest" > "$dir/.seeded/$name"
+  echo "oauth-tokens: $name: copied from the Secret"
+done
+{{- end }}
+
 {{/* The pod template shared by the Deployment (one replica) and the StatefulSet (shards). */}}
 {{- define "inbox-exporter.podTemplate" -}}
 {{- if le (int .Values.terminationGracePeriodSeconds) (int .Values.shutdownGracePeriodSeconds) }}
@@ -128,6 +185,33 @@ spec:
   {{- end }}
   securityContext:
     {{- toYaml .Values.podSecurityContext | nindent 4 }}
+  {{- if and .Values.oauthTokens.enabled .Values.oauthTokens.existingSecret }}
+  initContainers:
+    # Seeds the writable refresh-token volume from the Secret (values.yaml: oauthTokens).
+    - name: oauth-tokens
+      image: {{ include "inbox-exporter.image" . | quote }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      command:
+        - sh
+        - -ec
+        - |
+          {{- include "inbox-exporter.oauthSeedScript" . | nindent 10 }}
+        - oauth-tokens
+        - /run/inbox-exporter/oauth-seed
+        - {{ .Values.oauthTokens.mountPath }}
+      {{- with .Values.resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml .Values.securityContext | nindent 8 }}
+      volumeMounts:
+        - name: oauth-tokens
+          mountPath: {{ .Values.oauthTokens.mountPath }}
+        - name: oauth-tokens-seed
+          mountPath: /run/inbox-exporter/oauth-seed
+          readOnly: true
+  {{- end }}
   containers:
     - name: inbox-exporter
       image: {{ include "inbox-exporter.image" . | quote }}
@@ -182,6 +266,10 @@ spec:
         - name: config
           mountPath: /etc/inbox-exporter
           readOnly: true
+        {{- if .Values.oauthTokens.enabled }}
+        - name: oauth-tokens
+          mountPath: {{ .Values.oauthTokens.mountPath }}
+        {{- end }}
         {{- range .Values.extraSecretMounts }}
         - name: {{ .name }}
           mountPath: {{ .mountPath }}
@@ -196,6 +284,29 @@ spec:
   volumes:
     - name: config
       {{- include "inbox-exporter.configVolume" . | trim | nindent 6 }}
+    {{- $o := .Values.oauthTokens }}
+    {{- if $o.enabled }}
+    {{- if eq $o.storage "emptyDir" }}
+    - name: oauth-tokens
+      emptyDir:
+        {{- with $o.emptyDir.medium }}
+        medium: {{ . }}
+        {{- end }}
+        {{- with $o.emptyDir.sizeLimit }}
+        sizeLimit: {{ . }}
+        {{- end }}
+    {{- else if not (include "inbox-exporter.sharded" .) }}
+    - name: oauth-tokens
+      persistentVolumeClaim:
+        claimName: {{ include "inbox-exporter.oauthTokensClaimName" . }}
+    {{- end }}
+    {{- with $o.existingSecret }}
+    - name: oauth-tokens-seed
+      secret:
+        secretName: {{ . }}
+        defaultMode: 0440
+    {{- end }}
+    {{- end }}
     {{- range .Values.extraSecretMounts }}
     - name: {{ .name }}
       secret:
