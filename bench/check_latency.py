@@ -14,7 +14,6 @@ import argparse
 import functools
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,19 +22,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchlab import lab_inbox, version  # noqa: E402 - sets the import paths
+from benchlab import free_port, lab_inbox, version  # noqa: E402 - sets the import paths
 
 import yaml  # noqa: E402
 from maillab import MailLab  # noqa: E402
 
 from inbox_exporter.check import Checker  # noqa: E402
 from inbox_exporter.model import ALL_STEPS, Step  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def quantiles(values: list[float]) -> tuple[float, float, float]:

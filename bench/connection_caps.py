@@ -47,7 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "daemon"), str(ROOT / "lab")]
-from benchlab import version  # noqa: E402
+from benchlab import Report, version  # noqa: E402
 
 import yaml  # noqa: E402
 from maillab import MailLab  # noqa: E402
@@ -301,6 +301,12 @@ class Outcome:
     other_details: list[str] = field(default_factory=list)  # a few failures not explained
     max_in_flight: float = 0.0
     clean_stop: bool = True
+    inboxes: int = 0                           # configured
+    completed: set[str] = field(default_factory=set)  # inboxes with a completed check
+
+    @property
+    def never_completed(self) -> int:
+        return self.inboxes - len(self.completed)
 
 
 def queued_out(detail: str, step_timeout: float) -> str | None:
@@ -344,23 +350,31 @@ def env_name(inbox_name: str) -> str:
 
 
 def run_exporter(config: Path, environ: dict[str, str], seconds: float) -> Outcome:
-    """The real Exporter for `seconds`, then stopped; what it recorded and exposed."""
+    """The real Exporter for `seconds`, then stopped; what it recorded and exposed. A check
+    is completed when every failure in it (if any) came from the server, none from the
+    monitor's own queue (no slot, deadline used up while waiting): each step got its answer."""
     out = Outcome()
     exporter = Exporter(str(config), environ=environ)
+    out.inboxes = len(exporter.config.inboxes)
     lock = threading.Lock()
 
     def on_record(_previous: InboxState | None, state: InboxState) -> None:
         with lock:
             if state.last.ok:
                 out.ok += 1
-            else:
-                out.failed += 1
-                for s in state.last.failures:
-                    out.failures_by_step[f"{s.step.value}/{s.diagnosis.reason.value}"] += 1
-                    why = queued_out(s.diagnosis.detail or "", state.inbox.timeout)
-                    out.failures_by_cause[why or "other"] += 1
-                    if not why and len(out.other_details) < 5:
-                        out.other_details.append(f"{s.step.value}: {s.diagnosis.detail}")
+                out.completed.add(state.inbox.name)
+                return
+            out.failed += 1
+            queued = False
+            for s in state.last.failures:
+                out.failures_by_step[f"{s.step.value}/{s.diagnosis.reason.value}"] += 1
+                why = queued_out(s.diagnosis.detail or "", state.inbox.timeout)
+                queued = queued or why is not None
+                out.failures_by_cause[why or "other"] += 1
+                if not why and len(out.other_details) < 5:
+                    out.other_details.append(f"{s.step.value}: {s.diagnosis.detail}")
+            if not queued:
+                out.completed.add(state.inbox.name)
 
     exporter.store.on_record(on_record)
     exporter.start()
@@ -394,7 +408,8 @@ def metrics_text(exporter: Exporter) -> str:
 
 def describe(out: Outcome) -> list[str]:
     lines = [f"checks completed {out.checks_total:g} (ok {out.ok}, failed {out.failed}); "
-             f"max checks in flight {out.max_in_flight:g}; stopped cleanly: {out.clean_stop}"]
+             f"max checks in flight {out.max_in_flight:g}; stopped cleanly: {out.clean_stop}",
+             f"inboxes with a completed check: {len(out.completed)} of {out.inboxes}"]
     if out.failures_by_reason:
         lines.append("failures by category/reason (inbox_check_failures_total): " + ", ".join(
             f"{k} {v:g}" for k, v in sorted(out.failures_by_reason.items())))
@@ -407,19 +422,6 @@ def describe(out: Outcome) -> list[str]:
 
 
 # --- scenarios ----------------------------------------------------------------------------
-
-class Report:
-    def __init__(self) -> None:
-        self.failed = 0
-
-    def check(self, ok: bool, text: str) -> None:
-        print(f"{'PASS' if ok else 'FAIL'}  {text}", flush=True)
-        self.failed += not ok
-
-    @staticmethod
-    def info(text: str) -> None:
-        print(f"  {text}", flush=True)
-
 
 def refusals_in_log(path: Path, offset: int) -> tuple[int, int]:
     """Dovecot's own "too many connections" refusals written after `offset`; the new offset."""
@@ -468,6 +470,8 @@ def scenario_a(lab, args, tmp: Path, report: Report) -> None:
     report.check(out.too_many == 0,
                  f"A: failures with reason too_many_connections {out.too_many:g} == 0")
     report.check(refused == 0, f"A: Dovecot's own connection-limit refusals {refused} == 0")
+    report.check(out.never_completed == 0,
+                 f"A: inboxes without a completed check {out.never_completed} == 0 (of {out.inboxes})")
 
 
 def scenario_b(lab, args, tmp: Path, report: Report, users: list, cap: int,
@@ -501,6 +505,9 @@ def scenario_b(lab, args, tmp: Path, report: Report, users: list, cap: int,
     report.info(f"IMAP proxy: {imap.concurrency.describe()}")
     report.info(f"SMTP proxy: {smtp.concurrency.describe()}")
     report.info(f"host 127.0.0.1, IMAP+SMTP: {host.describe()}")
+    report.check(out.never_completed == 0,
+                 f"B{' control' if control else ''}: inboxes without a completed check "
+                 f"{out.never_completed} == 0 (of {out.inboxes})")
     if control:
         # Not a cap check: proof that this setup produces, and the proxies see, more than
         # `args.per_host` simultaneous connections when the daemon does not hold them back.

@@ -19,6 +19,7 @@ def make_inbox(**overrides) -> Inbox:
         "name": "test",
         "email": "alice@example.test",
         "password": PASSWORD,
+        "allow_plaintext_login": True,
         "imap": {"host": "127.0.0.1", "port": 1, "security": "none"},
         "smtp": {"host": "127.0.0.1", "port": 1, "security": "none"},
         "timeout": "5s",

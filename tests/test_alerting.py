@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -257,3 +258,117 @@ def test_alerting_config_errors_name_the_path(tmp_path):
     with pytest.raises(ConfigError) as e:
         pipeline_config(tmp_path, {"sentry": {"dsn_env": "NOPE"}}, {})
     assert str(e.value) == "test.yaml: alerting.sentry.dsn_env: environment variable NOPE is not set"
+
+
+# --- reloads (issue #10 §4) ----------------------------------------------------------------
+
+def hook_config(tmp_path, url: str, **alerting):
+    """An alerting section with one webhook whose Authorization comes from HOOK_TOKEN."""
+    env = {"HOOK_TOKEN": alerting.pop("token", "Bearer old")}
+    return pipeline_config(tmp_path, {"failure_threshold": 1, "webhooks": [
+        {"url": url, "headers_env": {"Authorization": "HOOK_TOKEN"}}], **alerting}, env)
+
+
+def test_a_resolved_still_waiting_for_its_sink_is_delivered_after_a_reload(tmp_path):
+    with Capture(status=503) as hook:  # the chat gateway is down for a while
+        p = AlertPipeline(hook_config(tmp_path, hook.url).alerting, counter(), lambda: [])
+        try:
+            p.observe(result(UNAUTHORIZED, inbox="x"), "gmail")
+            p.observe(result(None, inbox="x"), "gmail")  # recovered: "resolved" waits in line
+            hook.wait_for(1)  # the firing alert's first attempt failed; a retry is pending
+            # The reload rotates the webhook token and changes a threshold.
+            p.configure(hook_config(tmp_path, hook.url, token="Bearer new",
+                                    recovery_threshold=2).alerting)
+            hook.status = 200  # the gateway is back
+            delivered = wait_until(lambda: [r for r in hook.requests
+                                            if r["headers"]["Authorization"] == "Bearer new"][1:],
+                                   15, "the firing and resolved documents after the reload")
+        finally:
+            p.stop()
+    docs = [json.loads(r["body"]) for r in hook.requests
+            if r["headers"]["Authorization"] == "Bearer new"]
+    assert [d["status"] for d in docs] == ["firing", "resolved"]
+    assert delivered and "Bearer old" not in {r["headers"]["Authorization"] for r in delivered}
+
+
+def test_a_reload_hands_firing_alerts_to_a_new_sink_only(tmp_path):
+    with Capture() as kept, Capture() as added:
+        p = AlertPipeline(hook_config(tmp_path, kept.url).alerting, counter(), lambda: [])
+        try:
+            p.observe(result(UNAUTHORIZED, inbox="x"), "gmail")
+            kept.wait_for(1)
+            both = pipeline_config(tmp_path, {"failure_threshold": 3, "webhooks": [
+                {"url": kept.url, "headers_env": {"Authorization": "HOOK_TOKEN"}},
+                {"url": added.url}]}, {"HOOK_TOKEN": "Bearer old"})
+            p.configure(both.alerting)
+            assert json.loads(added.wait_for(1)[0]["body"])["status"] == "firing"
+            p.observe(result(None, inbox="x"), "gmail")
+            wait_until(lambda: len(kept.requests) >= 2 and len(added.requests) >= 2)
+        finally:
+            p.stop()
+    # the kept webhook was not paged twice for the same failure
+    assert [d["status"] for d in kept.json_bodies()] == ["firing", "resolved"]
+    assert [d["status"] for d in added.json_bodies()] == ["firing", "resolved"]
+
+
+def test_sinks_removed_by_a_reload_are_shut_down_and_the_sentry_client_closed(
+        tmp_path, sentry_endpoint, alertmanager):
+    inbox = f"removed-{time.monotonic_ns()}"
+    dsn = f"http://publickey@127.0.0.1:{sentry_endpoint.server_address[1]}/42"
+    with Capture() as hook:
+        before = set(threading.enumerate())
+        full = pipeline_config(tmp_path, {
+            "failure_threshold": 1, "sentry": {"dsn_env": "DSN"},
+            "alertmanager": {"url": alertmanager.url, "resend_interval": "1s"},
+            "webhooks": [{"url": hook.url}]}, {"DSN": dsn})
+        p = AlertPipeline(full.alerting, counter(), lambda: [])
+        try:
+            workers = [t for t in set(threading.enumerate()) - before if t.name.startswith("alerts-")]
+            assert sorted(t.name for t in workers) == ["alerts-alertmanager", "alerts-sentry",
+                                                       "alerts-webhook0"]
+            client = sentry_sdk.get_client()
+            assert client.is_active() and client.dsn == dsn
+            p.observe(result(UNAUTHORIZED, inbox=inbox), "gmail")
+            wait_until(lambda: alertmanager.alerts(inbox=inbox), what="the alert in Alertmanager")
+            wait_until(lambda: hook.requests and envelopes(sentry_endpoint), what="webhook and Sentry")
+
+            p.configure(pipeline_config(tmp_path, {"failure_threshold": 1}, {}).alerting)
+
+            wait_until(lambda: not any(t.is_alive() for t in workers), what="the workers to stop")
+            assert client.transport is None  # closed: the SDK's sending thread is gone
+            assert not sentry_sdk.get_client().is_active()
+            sentry_sdk.capture_message("a crash after the DSN was removed")
+            sentry_sdk.flush(2)
+            assert "after the DSN was removed" not in "".join(r["body"] for r in sentry_endpoint.requests)
+            # No more re-sending: the alert's endsAt (now + 3 x 1 s) passes in Alertmanager.
+            wait_until(lambda: not alertmanager.alerts(inbox=inbox), 15,
+                       "the alert to expire in Alertmanager")
+            p.observe(result(None, inbox=inbox), "gmail")  # resolves; no sink is left to tell
+            assert len(hook.requests) == 1
+        finally:
+            p.stop()
+
+
+def test_a_changed_sentry_dsn_closes_the_old_client_and_hands_the_firing_alert_over(tmp_path):
+    with Capture() as old, Capture() as new:
+        def cfg(endpoint, **extra):
+            dsn = f"http://publickey@127.0.0.1:{endpoint.server_address[1]}/7"
+            return pipeline_config(tmp_path, {"failure_threshold": 1,
+                                              "sentry": {"dsn_env": "DSN"}, **extra},
+                                   {"DSN": dsn}).alerting
+
+        p = AlertPipeline(cfg(old), counter(), lambda: [])
+        try:
+            p.observe(result(UNAUTHORIZED, inbox="x"), "gmail")
+            wait_until(lambda: envelopes(old), what="the alert at the old DSN")
+            first = sentry_sdk.get_client()
+            p.configure(cfg(old, recovery_threshold=1, runbook_url="https://runbooks.example/x"))
+            assert sentry_sdk.get_client() is first  # same DSN: same client, nothing re-sent
+            p.configure(cfg(new))
+            wait_until(lambda: first.transport is None, what="the old client to close")
+            moved = wait_until(lambda: envelopes(new), what="the firing alert at the new DSN")
+            assert moved[0]["level"] == "error" and moved[0]["tags"]["inbox"] == "x"
+            assert len(envelopes(old)) == 1
+        finally:
+            p.stop()
+            sentry_sdk.init()

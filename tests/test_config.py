@@ -79,6 +79,7 @@ inboxes:
     email: x@example.com
     username: custom-login
     password_env: SALES_PASSWORD
+    allow_plaintext_login: true
     imap: {{host: mail.example.com, security: {security}}}
     smtp: {{host: mail.example.com, security: {security}}}
 """)
@@ -144,6 +145,8 @@ def test_the_example_config_is_valid_and_shows_the_real_defaults():
     assert cfg.parse_duration(defaults["timeout"]) == cfg.DEFAULT_TIMEOUT
     checks = yaml.safe_load(example)["checks"]
     for key, field in schema.ChecksModel.model_fields.items():
+        if field.default is None:
+            continue  # optional, shown commented out (checked below)
         value = checks[key]
         shown = cfg.parse_duration(value) if isinstance(value, str) else value
         assert shown == field.default, key
@@ -213,3 +216,37 @@ inboxes:
         load(text)
     inbox = parse_config(text, "config.yaml", ENV, strict_secrets=False).inboxes[0]
     assert inbox.oauth.refresh_token is None and inbox.oauth.refresh_token_file == f"{tmp_path}/rt"
+
+
+def test_security_none_with_a_password_needs_allow_plaintext_login_inbox_or_defaults():
+    text = """
+defaults: {allow_plaintext_login: %s}
+inboxes:
+  - {name: a, email: a@example.test, password_env: SALES_PASSWORD,
+     imap: {host: mail.example.test, security: none}, smtp: {host: mail.example.test, security: none}}
+  - {name: b, email: b@example.test, password_env: SALES_PASSWORD, allow_plaintext_login: true,
+     imap: {host: mail.example.test, security: none}, smtp: {host: mail.example.test}}
+"""
+    a, b = load(text % "true").inboxes
+    assert (a.imap.security, a.smtp.security, b.imap.security) == ("none", "none", "none")
+    with pytest.raises(ConfigError, match=r"^config.yaml: inboxes\[a\]\.imap\.security: none sends"):
+        load(text % "false")
+    # An inbox that logs in with a token has no password to give away.
+    oauth = load("""
+inboxes:
+  - {name: t, email: t@example.test, imap: {host: h, security: none}, smtp: {host: h},
+     auth: {method: oauth2, token_url: "https://idp.example/token", client_id: c,
+            refresh_token_env: SALES_RT}}
+""")
+    assert oauth.inboxes[0].password is None
+
+
+def test_international_host_names_and_addresses_are_accepted_in_their_unicode_form():
+    inbox = load("""
+inboxes:
+  - {name: x, email: jörg@bücher.example, username: joerg, password_env: SALES_PASSWORD,
+     imap: {host: imap.bücher.example}, smtp: {host: smtp.straße.example},
+     test_email: {to: bcc@crm.example.com}}
+""").inboxes[0]
+    assert (inbox.email, inbox.imap.host, inbox.smtp.host) == (
+        "jörg@bücher.example", "imap.bücher.example", "smtp.straße.example")

@@ -313,7 +313,9 @@ def stack(tmp_path_factory, lab, alertmanager):
     lab.set_password("dashboard", "dashboard-password")
     second = {"interval": "1s"}
     # The delivery row's data: the test email looked up in the inbox itself.
-    delivery = {"delivery": {"mailbox": "self", "timeout": "10s"}} if DELIVERY else {}
+    # (sent at every check here: test_email.interval down to the 1 s interval)
+    delivery = {"delivery": {"mailbox": "self", "timeout": "10s"},
+                "test_email": {"to": lab.users["bcc"].address, "interval": "1s"}} if DELIVERY else {}
     inboxes = [
         # IMAPS + submission with STARTTLS
         lab_entry(lab, "healthy-imaps", "dashboard", **second, **delivery),

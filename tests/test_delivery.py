@@ -12,10 +12,13 @@ import pytest
 from imapclient import IMAPClient
 
 from inbox_exporter.check import Checker
+from inbox_exporter.probe_id import ProbeKey
 from inbox_exporter.probes import delivery
 from inbox_exporter.probes.smtp import PROBE_HEADER, probe_message
 
 from .conftest import make_inbox
+
+KEY = ProbeKey.generate()  # this deployment's: the checks sign with it, cleanup verifies it
 
 
 def login(lab, user: str) -> IMAPClient:
@@ -26,19 +29,19 @@ def login(lab, user: str) -> IMAPClient:
 
 
 def probe_mail(lab, to: str, probe_id: str | None = None) -> tuple[str, bytes]:
-    probe_id = probe_id or uuid.uuid4().hex
+    probe_id = probe_id or KEY.new_id()
     inbox = make_inbox(email=lab.users["alice"].address, test_email={"to": to})
     return probe_id, probe_message(inbox, probe_id)
 
 
 def test_the_probe_mail_sent_by_a_check_is_found_by_its_id(lab, lab_inbox):
-    result = Checker().check(lab_inbox())
+    result = Checker(probe_key=KEY).check(lab_inbox())
     assert result.ok
     sent_at = result.started_at
     with login(lab, "bcc") as client:
         deadline, found = time.monotonic() + 15, None
         while found is None and time.monotonic() < deadline:
-            found = delivery.find(client, "INBOX", result.probe_id)
+            found = delivery.find(client, "INBOX", result.probe_id, KEY)
             time.sleep(0.1)
     assert found is not None
     assert sent_at - 2 <= found.internal_date <= time.time() + 2
@@ -51,10 +54,10 @@ def test_the_junk_folder_is_found_by_special_use_and_searched(lab):
         assert delivery.trash_folder(client) == "Trash"
         probe_id, raw = probe_mail(lab, lab.users["bcc"].address)
         client.append("Junk", raw)
-        assert delivery.find(client, "INBOX", probe_id) is None
-        assert delivery.find(client, "Junk", probe_id).folder == "Junk"
-        assert delivery.remove(client, "Junk", probe_id, None) == 1
-        assert delivery.find(client, "Junk", probe_id) is None
+        assert delivery.find(client, "INBOX", probe_id, KEY) is None
+        assert delivery.find(client, "Junk", probe_id, KEY).folder == "Junk"
+        assert delivery.remove(client, "Junk", probe_id, None, KEY) == 1
+        assert delivery.find(client, "Junk", probe_id, KEY) is None
 
 
 def ordinary_mail(n: int, rng: random.Random) -> bytes:
@@ -106,7 +109,8 @@ def test_fifty_checks_with_delivery_leave_every_other_message_byte_for_byte(lab,
 
     inbox = lab_inbox("keeper", delivery={"mailbox": "self", "timeout": "10s"})
     limits = ConnectionLimits()
-    checker, confirmer = Checker(limits), DeliveryConfirmer(limits, on_result=lambda *a: None)
+    checker = Checker(limits, probe_key=KEY)
+    confirmer = DeliveryConfirmer(limits, on_result=lambda *a: None, probe_key=KEY)
     with login(lab, "keeper") as client:
         before = {f: snapshot(client, f) for f in ("INBOX", "Junk")}
     assert sum(len(s) for s in before.values()) >= 200
@@ -134,8 +138,8 @@ def test_the_sweep_removes_stale_probe_mails_of_ours_and_nothing_else(lab, keepe
             probe_id, raw = probe_mail(lab, keeper.address)
             client.append("INBOX", raw)
             ids.append(probe_id)
-        assert delivery.remove(client, "INBOX", None, "Trash", older_than=time.time() - 3600) == 0
-        assert delivery.remove(client, "INBOX", None, "Trash", older_than=time.time() + 60) == 3
+        assert delivery.remove(client, "INBOX", None, "Trash", KEY, older_than=time.time() - 3600) == 0
+        assert delivery.remove(client, "INBOX", None, "Trash", KEY, older_than=time.time() + 60) == 3
         assert snapshot(client, "INBOX") == before
 
 
@@ -148,9 +152,9 @@ def confirm(lab, inbox):
     from inbox_exporter.limits import ConnectionLimits
 
     limits = ConnectionLimits()
-    result = Checker(limits).check(inbox)
+    result = Checker(limits, probe_key=KEY).check(inbox)
     assert result.ok and result.sent_at, result.to_json()
-    confirmer = DeliveryConfirmer(limits, on_result=lambda *a: None)
+    confirmer = DeliveryConfirmer(limits, on_result=lambda *a: None, probe_key=KEY)
     try:
         return result, confirmer.confirm_now(inbox, result.probe_id, result.sent_at)
     finally:
@@ -201,7 +205,7 @@ def test_a_mail_filed_as_spam_is_delivered_to_junk_and_still_cleaned_up(lab, lab
     assert (d.category.value, d.reason.value) == ("delivery_failed", "delivered_to_junk")
     assert found.folder == "Junk"
     with login(lab, "bcc") as client:
-        assert delivery.find(client, "Junk", result.probe_id) is None
+        assert delivery.find(client, "Junk", result.probe_id, KEY) is None
 
 
 def test_the_check_command_shows_the_delivery_step(tmp_path, lab):
@@ -226,14 +230,14 @@ def test_idle_sees_the_mail_as_it_lands_instead_of_at_the_next_poll(lab, lab_inb
 
     inbox = delivery_inbox(lab, lab_inbox, timeout="20s", mailbox="self")
     limits = ConnectionLimits()
-    confirmer = DeliveryConfirmer(limits, on_result=lambda *a: None)
+    confirmer = DeliveryConfirmer(limits, on_result=lambda *a: None, probe_key=KEY)
     polls = []
     real = confirmer.poll_once
     confirmer.poll_once = lambda *a, **k: polls.append(1) or real(*a, **k)
     held = lab.held_delivery()
     held.__enter__()  # Postfix accepts the test email but keeps it queued...
     try:
-        result = Checker(limits).check(inbox)
+        result = Checker(limits, probe_key=KEY).check(inbox)
         release = threading.Timer(2.0, held.__exit__, (None, None, None))  # ...for 2 s
         release.start()
         found = confirmer.confirm_now(inbox, result.probe_id, result.sent_at)
@@ -246,3 +250,29 @@ def test_idle_sees_the_mail_as_it_lands_instead_of_at_the_next_poll(lab, lab_inb
     # (without IDLE a miss ends the poll and the next one comes at 1.5 s, 3.5 s, 7.5 s ...).
     assert len(polls) == 1
     assert found.step.duration_seconds - found.received_seconds < 1.5  # seen as it landed
+
+
+def test_only_mail_signed_with_our_key_is_ever_removed(lab, keeper):
+    """Another deployment's probes (another key), a forged header (our format, a made-up tag)
+    and an id of the old unsigned format look like ours and are never touched."""
+    other = ProbeKey.generate()
+    theirs = other.new_id()
+    forged = ProbeKey.generate().new_id()[:-24] + "0" * 24
+    old_format = uuid.uuid4().hex
+    mine = KEY.new_id()
+    with login(lab, "keeper") as client:
+        for probe_id in (theirs, forged, old_format, mine):
+            client.append("INBOX", probe_mail(lab, keeper.address, probe_id)[1])
+        before = snapshot(client, "INBOX")
+        for probe_id in (theirs, forged, old_format):
+            assert delivery.find(client, "INBOX", probe_id, KEY) is None
+            assert delivery.remove(client, "INBOX", probe_id, "Trash", KEY) == 0
+        # the sweep takes every probe mail of ours, and only ours
+        assert delivery.remove(client, "INBOX", None, "Trash", KEY, older_than=time.time() + 60) == 1
+        after = snapshot(client, "INBOX")
+        # the other exporter, with its key, removes its own and nothing else
+        assert delivery.remove(client, "INBOX", None, "Trash", other, older_than=time.time() + 60) == 1
+        assert len(snapshot(client, "INBOX")) == len(after) - 1
+    assert len(after) == len(before) - 1
+    assert KEY.verifies(mine) and not KEY.verifies(theirs) and not KEY.verifies(forged)
+    assert not KEY.verifies(old_format)

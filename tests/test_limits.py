@@ -31,3 +31,13 @@ def test_the_host_cap_counts_imap_and_smtp_together_and_a_new_cap_applies_to_ope
     limits.release(b)
     limits.release(c)
     assert limits.acquire("imap", "127.0.0.1", {"d"}, 0.05) is not None
+
+
+def test_the_same_login_on_two_servers_is_two_accounts_and_try_acquire_never_waits():
+    limits = ConnectionLimits()
+    a = limits.try_acquire("imap", "127.0.0.1", {"alice"})
+    b = limits.try_acquire("imap", "127.0.0.2", {"alice"})  # another server: another account
+    assert a is not None and b is not None
+    assert limits.try_acquire("imap", "127.0.0.1", {"alice"}) is None  # busy: None at once
+    limits.release(a)
+    limits.release(b)

@@ -39,6 +39,7 @@ def test_a_server_echoing_the_login_command_never_makes_the_password_visible(tmp
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"inboxes": [{
         "name": "echo", "email": "alice@example.test", "password_env": "ECHO_PW",
+        "allow_plaintext_login": True,
         "imap": {"host": "127.0.0.1", "port": imap.port, "security": "none"},
         "smtp": {"host": "127.0.0.1", "port": smtp.port, "security": "none"},
         "timeout": "3s"}]}))

@@ -1,17 +1,21 @@
-"""One verification of one inbox: the IMAP chain, then the SMTP chain, every step recorded.
+"""One verification of one inbox: the IMAP chain and the SMTP chain, every step recorded.
 
-The chains are independent (a broken IMAP server must not hide the state of SMTP); inside a
-chain the steps after a failure are recorded as skipped. Each step gets the smaller of its
-timeout and what is left of the check's deadline, and a watchdog cuts the connection when
-that runs out. Connections are closed (LOGOUT / QUIT) whatever happened.
+The chains are independent (a broken IMAP server must not hide the state of SMTP), so a check
+is planned as two legs, one connection each, that may run one after the other (`check`) or at
+the same time on the daemon's runner (`plan`). Inside a chain the steps after a failure are
+recorded as skipped. Each step gets the smaller of its timeout and what is left of the leg's
+deadline, and a watchdog cuts the connection when that runs out. Connections are closed
+(LOGOUT / QUIT) whatever happened, the close bounded by the watchdog too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from . import errors
 from .classify import Context, classify
@@ -20,11 +24,77 @@ from .deadline import WATCHDOG, Deadline, Watchdog
 from .limits import ConnectionLimits
 from .model import CheckResult, Diagnosis, Phase, Status, Step, StepResult
 from .oauth.tokens import TokenCache
-from .probes.base import CLOSE_TIMEOUT, Probe
+from .probe_id import ProbeKey
+from .probes.base import Probe, converse
 from .probes.imap import ImapProbe
 from .probes.smtp import SmtpProbe
 
 log = logging.getLogger(__name__)
+
+Chain = Sequence[tuple[Step, Callable[[float], None]]]
+
+
+@dataclass(eq=False)
+class Leg:
+    """One chain on one connection: what it takes to schedule it, and its two endings."""
+
+    protocol: str  # imap | smtp
+    host: str
+    identities: frozenset[str]
+    run: Callable[[], list[StepResult]]  # talks to the server (the slot is held); never raises
+    not_run: Callable[[str], list[StepResult]]  # it never got a slot: failed as a timeout
+
+
+class Plan:
+    """A check of one inbox in two legs; `assemble` makes the result once both have ended."""
+
+    def __init__(self, checker: "Checker", inbox: Inbox, probe_id: str,
+                 hold_test_email: str | None):
+        self.inbox, self.probe_id = inbox, probe_id
+        self._checker = checker
+        self._deadline: Deadline | None = None
+        self._deadline_lock = threading.Lock()
+        self.started_at, self._t0 = checker.wall(), checker.clock()
+        self.imap = ImapProbe(inbox, checker.tokens)
+        self.smtp = SmtpProbe(inbox, probe_id, checker.tokens)
+        smtp_chain: list[tuple[Step, Callable[[float], None]]] = [
+            (Step.SMTP_CONNECT, self.smtp.connect), (Step.SMTP_LOGIN, self.smtp.login)]
+        self._test_email_note = None
+        if not inbox.test_email_to:
+            self._test_email_note = "disabled: no test_email.to configured"
+        elif hold_test_email is not None:
+            self._test_email_note = hold_test_email
+        else:
+            smtp_chain.append((Step.TEST_EMAIL, self.smtp.send_test_email))
+        self.legs = (self._leg(self.imap, (
+            (Step.IMAP_CONNECT, self.imap.connect),
+            (Step.IMAP_LOGIN, self.imap.login),
+            (Step.IMAP_VALIDATE, self.imap.validate))), self._leg(self.smtp, smtp_chain))
+
+    def deadline(self) -> Deadline:
+        """One deadline per check, from the moment its first leg starts talking: legs running
+        at the same time share it, a leg run after the other gets what is left."""
+        with self._deadline_lock:
+            if self._deadline is None:
+                self._deadline = Deadline(self.inbox.deadline, self._checker.clock)
+            return self._deadline
+
+    def _leg(self, probe: Probe, chain: Chain) -> Leg:
+        c, inbox = self._checker, self.inbox
+        return Leg(probe.protocol.value, probe.endpoint.host,
+                   frozenset({inbox.username, inbox.email}),
+                   run=lambda: c.run_chain(inbox, probe, chain, self.deadline()),
+                   not_run=lambda why: c.not_run(inbox, probe, chain, errors.StepTimeout(why)))
+
+    def assemble(self, imap_steps: list[StepResult], smtp_steps: list[StepResult]) -> CheckResult:
+        steps = [*imap_steps, *smtp_steps]
+        if self._test_email_note is not None:
+            steps.append(StepResult(Step.TEST_EMAIL, Status.SKIPPED, note=self._test_email_note))
+        certificates = [p.certificate for p in (self.imap, self.smtp) if p.certificate]
+        return CheckResult(inbox=self.inbox.name, started_at=self.started_at,
+                           duration_seconds=self._checker.clock() - self._t0, steps=tuple(steps),
+                           probe_id=self.probe_id, certificates=tuple(certificates),
+                           sent_at=self.smtp.accepted_at)
 
 
 class Checker:
@@ -34,67 +104,81 @@ class Checker:
     def __init__(self, limits: ConnectionLimits | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time, watchdog: Watchdog = WATCHDOG,
-                 tokens: TokenCache | None = None):
+                 tokens: TokenCache | None = None, probe_key: ProbeKey | None = None):
         self.limits = limits or ConnectionLimits()
-        self.tokens = tokens or TokenCache()
+        self.probe_key = probe_key or ProbeKey.generate()
         self.clock, self.wall, self.watchdog = clock, wall, watchdog
+        self.tokens = tokens or TokenCache()
 
-    def check(self, inbox: Inbox, probe_id: str | None = None) -> CheckResult:
-        probe_id = probe_id or uuid.uuid4().hex  # one token: some IMAP searches split at dashes
-        started_at, t0 = self.wall(), self.clock()
-        deadline = Deadline(inbox.deadline, self.clock)
-        steps: list[StepResult] = []
+    def plan(self, inbox: Inbox, probe_id: str | None = None,
+             hold_test_email: str | None = None) -> Plan:
+        """`hold_test_email`: why no test email goes out this time (the step's note)."""
+        return Plan(self, inbox, probe_id or self.probe_key.new_id(), hold_test_email)
 
-        imap = ImapProbe(inbox, self.tokens)
-        steps += self._guarded(inbox, imap, deadline, (
-            (Step.IMAP_CONNECT, imap.connect),
-            (Step.IMAP_LOGIN, imap.login),
-            (Step.IMAP_VALIDATE, imap.validate),
-        ))
-        smtp = SmtpProbe(inbox, probe_id, self.tokens)
-        smtp_steps: list[tuple[Step, Callable[[float], None]]] = [
-            (Step.SMTP_CONNECT, smtp.connect), (Step.SMTP_LOGIN, smtp.login)]
-        if inbox.test_email_to:
-            smtp_steps.append((Step.TEST_EMAIL, smtp.send_test_email))
-        steps += self._guarded(inbox, smtp, deadline, smtp_steps)
-        if not inbox.test_email_to:
-            steps.append(StepResult(Step.TEST_EMAIL, Status.SKIPPED,
-                                    note="disabled: no test_email.to configured"))
-        certificates = [p.certificate for p in (imap, smtp) if p.certificate]
+    def check(self, inbox: Inbox, probe_id: str | None = None,
+              hold_test_email: str | None = None) -> CheckResult:
+        """The whole check on the caller's thread: each leg waits for its slot (at most the
+        interval: then the next run is due) and runs. For the `check` command and tests; the
+        daemon runs legs on its runner and never waits for a slot on a thread."""
+        plan = self.plan(inbox, probe_id, hold_test_email)
+        done: list[list[StepResult]] = []
+        for leg in plan.legs:
+            # Waiting for a slot is the exporter's own queue, not the server's time.
+            with plan.deadline().paused() if done else contextlib.nullcontext():
+                slot = self.limits.acquire(leg.protocol, leg.host, leg.identities, inbox.interval)
+            if slot is None:
+                done.append(leg.not_run(
+                    f"not run: no connection slot was free for {inbox.interval:g}s: the exporter "
+                    "is over capacity (checks.max_connections_per_host, shared accounts)"))
+                continue
+            try:
+                done.append(leg.run())
+            finally:
+                self.limits.release(slot)
+        return plan.assemble(*done)
 
-        return CheckResult(inbox=inbox.name, started_at=started_at,
-                           duration_seconds=self.clock() - t0, steps=tuple(steps),
-                           probe_id=probe_id, certificates=tuple(certificates),
-                           sent_at=smtp.accepted_at)
+    def check_async(self, runner, inbox: Inbox, on_result: Callable[[CheckResult], None],
+                    hold_test_email: str | None = None, expires_in: float | None = None,
+                    on_start: Callable[[float], None] = lambda waited: None) -> None:
+        """Queue both legs on `runner` (see runner.py); `on_result` gets the check once both
+        have ended, on the worker that ended last. A leg not started within `expires_in`
+        (default: the interval) fails as not run."""
+        from .runner import Job
 
-    def _guarded(self, inbox: Inbox, probe: Probe, deadline: Deadline,
-                 chain: Sequence[tuple[Step, Callable[[float], None]]]) -> list[StepResult]:
-        """One chain on one connection, within the connection caps; always closed, and the
-        close is bounded too (a server may trickle its LOGOUT reply)."""
-        # Waiting for a slot is the exporter's own queue, not the server's time: the deadline
-        # stands still meanwhile, and the wait is bounded by the interval (the next run is due).
-        with deadline.paused():
-            slot = self.limits.acquire(probe.protocol.value, probe.endpoint.host,
-                                       {inbox.username, inbox.email}, inbox.interval)
-        if slot is None:
-            return self._not_run(inbox, probe, chain, errors.StepTimeout(
-                f"not run: no connection slot was free for {inbox.interval:g}s: the exporter "
-                "is over capacity (checks.max_connections_per_host, shared accounts)"))
-        try:
-            return self._chain(inbox, probe, deadline, chain)
-        finally:
-            with self.watchdog.guard(CLOSE_TIMEOUT, probe.conn.abort):
-                probe.close()
-            self.limits.release(slot)
+        plan = self.plan(inbox, hold_test_email=hold_test_email)
+        ended: dict[str, list[StepResult]] = {}
+        lock = threading.Lock()
+
+        def end(protocol: str, steps: list[StepResult]) -> None:
+            with lock:
+                ended[protocol] = steps
+                if len(ended) < 2:
+                    return
+            on_result(plan.assemble(ended["imap"], ended["smtp"]))
+
+        expires_at = self.clock() + (expires_in or inbox.interval)
+        for leg in plan.legs:
+            runner.submit(Job(
+                leg.protocol, leg.host, leg.identities,
+                run=lambda leg=leg: end(leg.protocol, leg.run()),
+                expire=lambda why, leg=leg: end(leg.protocol, leg.not_run(why)),
+                expires_at=expires_at, on_start=on_start))
+
+    # --- one chain ---------------------------------------------------------------------------
+
+    def run_chain(self, inbox: Inbox, probe: Probe, chain: Chain,
+                  deadline: Deadline) -> list[StepResult]:
+        """The chain on one connection (the slot is held); always closed, under the watchdog."""
+        return converse(probe, lambda: self._chain(inbox, probe, deadline, chain), self.watchdog)
 
     def _chain(self, inbox: Inbox, probe: Probe, deadline: Deadline,
-               chain: Sequence[tuple[Step, Callable[[float], None]]]) -> list[StepResult]:
+               chain: Chain) -> list[StepResult]:
         results: list[StepResult] = []
         for n, (step, run) in enumerate(chain):
             budget = min(inbox.timeout, deadline.remaining())
             if budget <= 0:
                 # Not verified is not a success: the rest of the chain fails as a timeout.
-                return results + self._not_run(inbox, probe, chain[n:], errors.StepTimeout(
+                return results + self.not_run(inbox, probe, chain[n:], errors.StepTimeout(
                     f"not run: the check's deadline ({inbox.deadline:g}s) was exhausted"))
             result = self._step(inbox, probe, step, run, budget)
             results.append(result)
@@ -103,9 +187,7 @@ class Checker:
                 return results + [StepResult(s, Status.SKIPPED, note=note) for s, _ in chain[n + 1:]]
         return results
 
-    def _not_run(self, inbox: Inbox, probe: Probe,
-                 chain: Sequence[tuple[Step, Callable[[float], None]]],
-                 why: Exception) -> list[StepResult]:
+    def not_run(self, inbox: Inbox, probe: Probe, chain: Chain, why: Exception) -> list[StepResult]:
         first = StepResult(chain[0][0], Status.FAILED, 0.0,
                            self._diagnose(inbox, probe, chain[0][0], why, Phase.COMMAND))
         note = f"not run: {chain[0][0].value} failed"

@@ -72,6 +72,10 @@ _CERT = ssl.SSLCertVerificationError
 _TOO_MANY = (r"too many (simultaneous |concurrent )?connections|\[LIMIT\]"
              r"|maximum number of connections|mail_max_userip_connections|connection limit")
 _APP_PASSWORD = r"application-specific password|app[- ]?password|\b5\.7\.9\b"
+_RATE_LIMITED = (r"too many (login|authentication) (attempts|failures)|rate.?limit|throttl"
+                 r"|too many (messages|recipients)|sending (quota|limit)|sending limit exceeded"
+                 r"|\b4\.7\.28\b|\b5\.4\.5\b|SubmissionQuotaExceeded|\b5\.7\.708\b"
+                 r"|message submission rate|exceeded the (rate|message) limit")
 _AUTH_FAILED = (r"AUTHENTICATIONFAILED|invalid credentials|authentication failed"
                 r"|\b535\b|username and password not accepted|LOGIN failed"
                 r"|AUTHENTICATE failed|incorrect password|invalid (login|user)")
@@ -127,14 +131,16 @@ RULES: tuple[Rule, ...] = (
     Rule(Reason.IP_NOT_ALLOWED, text=r"client host rejected|client host \S+ blocked"
          r"|not (allowed|permitted) from|from this (ip|location|network)"
          r"|ip( address)? \S* ?(is )?(not allowed|blocked|denied|blacklisted)"),
+    # Throttling, at login or when sending: backed off like a credential failure. Before the
+    # temporary-failure rows: Gmail says "454 4.7.0 Too many login attempts".
+    Rule(Reason.RATE_LIMITED, text=_RATE_LIMITED),
     Rule(Reason.AUTH_UNAVAILABLE, errors=(errors.AuthUnavailable,)),
     Rule(Reason.AUTH_UNAVAILABLE, steps=LOGIN_STEPS,
          text=r"\[UNAVAILABLE\]|\[SERVERBUG\]|temporary authentication failure|\b454\b"),
-    Rule(Reason.RATE_LIMITED, steps=frozenset({Step.TEST_EMAIL}),
-         text=r"rate limit|too many (messages|recipients)|sending (quota|limit)|\b4\.7\.28\b|\b5\.4\.5\b"),
     # Sending the test email: a 4xx is the server's trouble, not a verdict on the message.
     Rule(Reason.SERVER_UNAVAILABLE, errors=(smtplib.SMTPSenderRefused, smtplib.SMTPRecipientsRefused,
                                             smtplib.SMTPDataError), text=r"(^|\| )4\d\d\b"),
+    Rule(Reason.INTERNATIONAL_ADDRESS_UNSUPPORTED, errors=(errors.SmtpUtf8Unsupported,)),
     Rule(Reason.SENDER_REJECTED, errors=(smtplib.SMTPSenderRefused,)),
     Rule(Reason.RECIPIENT_REJECTED, errors=(smtplib.SMTPRecipientsRefused,)),
     Rule(Reason.MESSAGE_REJECTED, errors=(smtplib.SMTPDataError,)),
@@ -297,8 +303,15 @@ HINTS: Mapping[Reason, str] = {
                                "test_email.to (the BCC address).",
     Reason.MESSAGE_REJECTED: "The SMTP server refused the test email's content. The detail says "
                              "why (policy, spam filter, size).",
-    Reason.RATE_LIMITED: "The provider is limiting how much this account sends. Lengthen the "
-                         "check interval or ask the provider about the sending limit.",
+    Reason.INTERNATIONAL_ADDRESS_UNSUPPORTED: (
+        "An address of the test email (the inbox's or test_email.to) has non-ASCII characters "
+        "before the @, and the SMTP server does not offer SMTPUTF8 (RFC 6531), so it cannot "
+        "carry it. Use an ASCII address or alias for the mailbox, or a server that supports "
+        "internationalized email."),
+    Reason.RATE_LIMITED: "The provider is throttling this account (too many logins or too much "
+                         "mail): the exporter backs off like after a credential failure. "
+                         "Lengthen interval or test_email.interval, check what else logs in "
+                         "or sends as this account, or ask the provider about its limits.",
     Reason.SERVER_UNAVAILABLE: "The {proto} server closed the connection or said it is "
                                "unavailable. If it persists, the server may be overloaded or "
                                "blocking this client. " + _ALLOWLIST,

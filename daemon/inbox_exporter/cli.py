@@ -14,6 +14,7 @@ from .config import ConfigError, load_config, parse_duration
 from .limits import ConnectionLimits
 from .model import Status, Step, StepResult
 from .oauth.tokens import TokenCache
+from .probe_id import load_or_create
 from .output import render_json, render_text
 
 EXIT_OK, EXIT_FAILING, EXIT_CONFIG = 0, 1, 2
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--output", choices=["text", "json"], default="text")
     check.add_argument("--parallel", type=int, default=8, metavar="N",
                        help="inboxes checked at once (default: %(default)s)")
+    check.add_argument("--no-test-email", dest="send_test_email", action="store_false",
+                       help="verify SMTP connect and login only; send no test email (by "
+                            "default `check` sends one, whatever test_email.interval says)")
 
     cc = sub.add_parser("check-config", help="validate the configuration and exit")
     common(cc, log_level="error")
@@ -126,11 +130,15 @@ def _check(config, args) -> int:
         return EXIT_CONFIG
     limits = ConnectionLimits(config.checks.max_connections_per_host)
     tokens = TokenCache()
-    checker = Checker(limits, tokens=tokens)
-    confirmer = DeliveryConfirmer(limits, on_result=lambda inbox, result: None, tokens=tokens)
+    key = load_or_create(config.probe_key.get_secret_value() if config.probe_key else None,
+                         config.checks.probe_key_file)
+    checker = Checker(limits, tokens=tokens, probe_key=key)
+    confirmer = DeliveryConfirmer(limits, on_result=lambda inbox, result: None, tokens=tokens,
+                                  probe_key=key)
 
     def check(inbox):
-        result = checker.check(inbox)
+        result = checker.check(inbox, hold_test_email=None if args.send_test_email
+                               else "not sent: --no-test-email")
         if inbox.delivery is None:
             return result
         if result.sent_at is None:

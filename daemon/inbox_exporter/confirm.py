@@ -34,8 +34,9 @@ from .deadline import WATCHDOG
 from .limits import ConnectionLimits
 from .model import Phase, Status, Step, StepResult
 from .oauth.tokens import TokenCache
+from .probe_id import ProbeKey
 from .probes import delivery
-from .probes.base import CLOSE_TIMEOUT
+from .probes.base import converse
 from .probes.imap import ImapProbe
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ SWEEP_AGE = 3600.0  # probe mails of ours older than this are removed at start
 # delivery is seen the moment it lands, yet the account's single connection is never held
 # for long (the checks of the same account queue behind it).
 IDLE_WINDOW = 5.0
+SWEEP_RETRY = 30.0  # seconds before a sweep that found its account busy tries again
+SWEEP_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,12 @@ def watched(inbox: Inbox) -> Inbox:
 class DeliveryConfirmer:
     def __init__(self, limits: ConnectionLimits, on_result: Callable[[Inbox, DeliveryResult], None],
                  workers: int = 4, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, tokens: TokenCache | None = None):
+                 wall: Callable[[], float] = time.time, tokens: TokenCache | None = None,
+                 probe_key: ProbeKey | None = None):
         self.limits, self.on_result = limits, on_result
         self.tokens = tokens or TokenCache()
+        # Cleanup removes only mail signed with this key (the checker's: the same object).
+        self.probe_key = probe_key or ProbeKey.generate()
         self._clock, self._wall = clock, wall
         self._heap: list[_Pending] = []
         self._seq = itertools.count()
@@ -101,9 +107,12 @@ class DeliveryConfirmer:
             heapq.heappush(self._heap, p)
             self._cond.notify()
 
-    def sweep(self, inbox: Inbox) -> None:
+    def sweep(self, inbox: Inbox, attempt: int = 0) -> None:
         """At start: remove stale probe mails of ours from the watched folders."""
-        self._pool.submit(self.sweep_now, inbox)
+        with self._cond:
+            if self._stopped:
+                return
+        self._pool.submit(self.sweep_now, inbox, attempt)
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:
@@ -164,49 +173,58 @@ class DeliveryConfirmer:
         d = inbox.delivery
         assert d is not None
         target = watched(inbox)
-        slot = self.limits.acquire("imap", d.imap.host, {d.username}, timeout=1.0)
+        # Never wait for a slot on a worker: a busy account or server means "look again later".
+        slot = self.limits.try_acquire("imap", d.imap.host, {d.username})
         if slot is None:
             return None if not final else self._failed(
                 inbox, probe_id, errors.DeliveryTimeout("no connection slot for the watcher"),
                 Phase.COMMAND, accepted_at)
         probe = ImapProbe(target, self.tokens)
         try:
-            probe.connect(inbox.timeout)
-            probe.login(inbox.timeout)
-            client = probe.client
-            junk = delivery.junk_folder(client)
-            folders = [f for f in (*d.folders, junk) if f]
-            hits = self._search(client, folders, probe_id)
-            if not hits and idle_for > 0 and delivery.wait_for_new_mail(client, d.folders[0], idle_for):
-                hits = self._search(client, folders, probe_id)
-            for folder, found in hits:
-                now = self._wall()
-                if d.cleanup:
-                    delivery.remove(client, folder, probe_id, delivery.trash_folder(client))
-                received = found.received[0] - accepted_at if found.received else None
-                if folder == junk:
-                    return self._failed(inbox, probe_id, errors.DeliveredToJunk(
-                        f"found in {folder} after {now - accepted_at:.1f}s"), Phase.COMMAND,
-                        accepted_at, folder=folder)
-                step = StepResult(Step.DELIVERY, Status.OK, max(0.0, now - accepted_at))
-                return DeliveryResult(inbox.name, probe_id, step, received, folder)
-            if not final:
-                return None
-            return self._failed(inbox, probe_id, errors.DeliveryTimeout(
-                f"not found in {', '.join(dict.fromkeys(folders))} within "
-                f"{d.timeout:g}s"), Phase.COMMAND, accepted_at)
+            # One bound for the whole session (a server may trickle): the steps' deadline
+            # plus the IDLE window.
+            with WATCHDOG.guard(inbox.deadline + max(0.0, idle_for), probe.conn.abort):
+                return converse(probe, lambda: self._look(inbox, probe, probe_id, accepted_at,
+                                                          final, idle_for))
         except Exception as e:  # noqa: BLE001 - the watched server's trouble: a failed step
             return self._failed(inbox, probe_id, e, probe.conn.phase, accepted_at)
         finally:
-            with WATCHDOG.guard(CLOSE_TIMEOUT, probe.conn.abort):
-                probe.close()
             self.limits.release(slot)
 
-    @staticmethod
-    def _search(client, folders: list[str], probe_id: str) -> list[tuple[str, delivery.Found]]:
+    def _look(self, inbox: Inbox, probe: ImapProbe, probe_id: str, accepted_at: float,
+              final: bool, idle_for: float) -> DeliveryResult | None:
+        d = inbox.delivery
+        assert d is not None
+        probe.connect(inbox.timeout)
+        probe.login(inbox.timeout)
+        client = probe.client
+        junk = delivery.junk_folder(client)
+        folders = [f for f in (*d.folders, junk) if f]
+        hits = self._search(client, folders, probe_id)
+        if not hits and idle_for > 0 and delivery.wait_for_new_mail(client, d.folders[0], idle_for):
+            hits = self._search(client, folders, probe_id)
+        for folder, found in hits:
+            now = self._wall()
+            if d.cleanup:
+                delivery.remove(client, folder, probe_id, delivery.trash_folder(client),
+                                self.probe_key)
+            received = found.received[0] - accepted_at if found.received else None
+            if folder == junk:
+                return self._failed(inbox, probe_id, errors.DeliveredToJunk(
+                    f"found in {folder} after {now - accepted_at:.1f}s"), Phase.COMMAND,
+                    accepted_at, folder=folder)
+            step = StepResult(Step.DELIVERY, Status.OK, max(0.0, now - accepted_at))
+            return DeliveryResult(inbox.name, probe_id, step, received, folder)
+        if not final:
+            return None
+        return self._failed(inbox, probe_id, errors.DeliveryTimeout(
+            f"not found in {', '.join(dict.fromkeys(folders))} within "
+            f"{d.timeout:g}s"), Phase.COMMAND, accepted_at)
+
+    def _search(self, client, folders: list[str], probe_id: str) -> list[tuple[str, delivery.Found]]:
         out = []
         for folder in dict.fromkeys(folders):
-            found = delivery.find(client, folder, probe_id)
+            found = delivery.find(client, folder, probe_id, self.probe_key)
             if found is not None:
                 out.append((folder, found))
         return out
@@ -226,27 +244,37 @@ class DeliveryConfirmer:
                           diagnosis)
         return DeliveryResult(inbox.name, probe_id, step, None, folder)
 
-    def sweep_now(self, inbox: Inbox) -> None:
+    def sweep_now(self, inbox: Inbox, attempt: int = 0) -> None:
         d = inbox.delivery
         if d is None or not d.cleanup:
             return
-        slot = self.limits.acquire("imap", d.imap.host, {d.username}, timeout=30.0)
+        slot = self.limits.try_acquire("imap", d.imap.host, {d.username})
         if slot is None:
+            # Busy (the checks run first at start): try again later, without holding a worker.
+            if attempt < SWEEP_ATTEMPTS:
+                timer = threading.Timer(SWEEP_RETRY, self.sweep, args=(inbox, attempt + 1))
+                timer.daemon = True
+                timer.start()
             return
         probe = ImapProbe(watched(inbox), self.tokens)
         try:
-            probe.connect(inbox.timeout)
-            probe.login(inbox.timeout)
-            client = probe.client
-            trash = delivery.trash_folder(client)
-            for folder in dict.fromkeys(f for f in (*d.folders, delivery.junk_folder(client)) if f):
-                removed = delivery.remove(client, folder, None, trash,
-                                          older_than=self._wall() - SWEEP_AGE)
-                if removed:
-                    log.info("stale probe mails removed", extra={"inbox": inbox.name,
-                                                                 "folder": folder, "count": removed})
+            with WATCHDOG.guard(inbox.deadline, probe.conn.abort):
+                converse(probe, lambda: self._sweep(inbox, probe))
         except Exception as e:  # noqa: BLE001 - a sweep is best effort; the next start retries
             log.warning("sweep failed", extra={"inbox": inbox.name, "error": type(e).__name__})
         finally:
-            probe.close()
             self.limits.release(slot)
+
+    def _sweep(self, inbox: Inbox, probe: ImapProbe) -> None:
+        d = inbox.delivery
+        assert d is not None
+        probe.connect(inbox.timeout)
+        probe.login(inbox.timeout)
+        client = probe.client
+        trash = delivery.trash_folder(client)
+        for folder in dict.fromkeys(f for f in (*d.folders, delivery.junk_folder(client)) if f):
+            removed = delivery.remove(client, folder, None, trash, self.probe_key,
+                                      older_than=self._wall() - SWEEP_AGE)
+            if removed:
+                log.info("stale probe mails removed", extra={"inbox": inbox.name,
+                                                             "folder": folder, "count": removed})

@@ -28,12 +28,13 @@ from .metrics import ExporterMetrics, InboxMetrics, render_inbox
 from .scheduler import Scheduler
 from .status import inbox_status
 from .oauth.tokens import TokenCache
+from .probe_id import load_or_create
+from .runner import Runner
 from .sharding import Shard
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_STALE = 30.0  # /-/healthy fails when the scheduler has not ticked for this long
 
 
 class Exporter:
@@ -52,11 +53,17 @@ class Exporter:
         # One per process: checks and delivery polls share tokens.
         self.tokens = TokenCache(
             on_request=lambda outcome: self.metrics.oauth_token_requests.labels(outcome).inc())
-        self.checker = Checker(self.limits, tokens=self.tokens)
+        # Read (or created) once: a reload keeps the key, so our probes stay provably ours.
+        self.probe_key = load_or_create(
+            config.probe_key.get_secret_value() if config.probe_key else None,
+            config.checks.probe_key_file)
+        self.checker = Checker(self.limits, tokens=self.tokens, probe_key=self.probe_key)
         self.confirmer = DeliveryConfirmer(self.limits, on_result=self._delivered,
-                                           tokens=self.tokens)
-        self.scheduler = Scheduler(self.store, self.checker, self.metrics,
-                                   workers=config.checks.concurrency,
+                                           tokens=self.tokens, probe_key=self.probe_key)
+        self.runner = Runner(self.limits, workers=config.checks.concurrency)
+        self.metrics.waiting.set_function(lambda: self.runner.waiting)
+        self.metrics.connections.set_function(lambda: self.runner.running)
+        self.scheduler = Scheduler(self.store, self.checker, self.metrics, self.runner,
                                    auth_failure_max_interval=config.checks.auth_failure_max_interval,
                                    on_error=sentry_sdk.capture_exception,  # no-op without a DSN
                                    backoff_after=config.alerting.failure_threshold,
@@ -74,6 +81,7 @@ class Exporter:
         if config is None:
             return []
         out = [s for inbox in config.inboxes for s in inbox.secrets()]
+        out += [config.probe_key.get_secret_value()] if config.probe_key else []
         return out + list(config.alerting.secrets()) + self.tokens.secrets()
 
     def _load(self) -> Config:
@@ -159,7 +167,8 @@ class Exporter:
         return "".join(chunks.values())
 
     def healthy(self) -> bool:
-        return time.monotonic() - self.scheduler.last_tick < HEARTBEAT_STALE
+        """Alive, not idle: answered from state, never queued behind checks."""
+        return self.scheduler.alive()
 
     def ready(self) -> bool:
         return self.config is not None

@@ -25,6 +25,11 @@ class AuthUnavailable(ProbeError):
     """The server offers no authentication mechanism we can use."""
 
 
+class SmtpUtf8Unsupported(ProbeError):
+    """An address of the test email needs SMTPUTF8 (a non-ASCII local part, RFC 6531) and the
+    server does not offer it."""
+
+
 class CapabilityMissing(ProbeError):
     """A capability a CRM needs (IMAP4rev1) is not advertised."""
 

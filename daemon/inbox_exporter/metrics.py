@@ -49,6 +49,7 @@ INBOX_FAMILIES: dict[str, tuple[str, str]] = {
     "inbox_failure_info": ("gauge", "The current failure of a step (value 1), with its category and reason; absent when the step is not failing."),
     "inbox_check_failures_total": ("counter", "Failed checks, by category and reason of their failures."),
     "inbox_tls_certificate_expiry_timestamp_seconds": ("gauge", "Unix time the server certificate seen in the last check expires."),
+    "inbox_test_email_last_sent_timestamp_seconds": ("gauge", "Unix time the SMTP server last accepted this inbox's test email (sent at most every test_email.interval)."),
     "inbox_delivery_success": ("gauge", "1 if the last test email was found in the watched mailbox's folders in time, 0 if not (timeout, Junk, watcher error); NaN until the first confirmation. Only for inboxes with `delivery`."),
     "inbox_delivery_duration_seconds": ("gauge", "Time from the SMTP server accepting the last test email to finding it."),
     "inbox_tls_certificate_trusted": ("gauge", "1 if the server certificate seen in the last check was verified, 0 if not (or verification was disabled)."),
@@ -99,6 +100,8 @@ def render_inbox(state: InboxState, expose_email: bool = False) -> dict[str, str
         if result is not None and result.diagnosis is not None:
             add("inbox_failure_info", 1, step=step.value, category=result.diagnosis.category.value,
                 reason=result.diagnosis.reason.value)
+    if inbox.test_email_to:
+        add("inbox_test_email_last_sent_timestamp_seconds", state.last_test_email_at)
     for (category, reason), count in sorted(state.failures_total.items()):
         add("inbox_check_failures_total", count, category=category.value, reason=reason.value)
     if inbox.delivery is not None:
@@ -167,11 +170,21 @@ class ExporterMetrics:
             "Unix time of the last successful configuration (re)load.", registry=registry)
         self.inboxes = Gauge("inbox_exporter_inboxes", "Inboxes configured (on this shard).",
                              registry=registry)
-        self.in_flight = Gauge("inbox_exporter_checks_in_flight", "Checks running now.",
+        self.in_flight = Gauge("inbox_exporter_checks_in_flight",
+                               "Checks started and not yet ended (queued for a slot or running).",
                                registry=registry)
+        self.waiting = Gauge(
+            "inbox_exporter_connections_waiting",
+            "Connections (a check's IMAP or SMTP leg) queued for a slot: their server is at "
+            "checks.max_connections_per_host or their account is in use. Holds no worker.",
+            registry=registry)
+        self.connections = Gauge(
+            "inbox_exporter_connections_active",
+            "Connections open to mail servers now (each holds one worker).", registry=registry)
         self.skipped = Counter(
             "inbox_exporter_checks_skipped",
-            "Scheduled checks not started because the previous check of the inbox was still running.",
+            "Scheduled checks not started because the previous check of the inbox was still "
+            "queued or running.",
             registry=registry)
         self.lag = Histogram(
             "inbox_exporter_scheduling_lag_seconds",

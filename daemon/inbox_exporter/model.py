@@ -96,6 +96,7 @@ class Reason(StrEnum):
     SENDER_REJECTED = "sender_rejected"
     RECIPIENT_REJECTED = "recipient_rejected"
     MESSAGE_REJECTED = "message_rejected"
+    INTERNATIONAL_ADDRESS_UNSUPPORTED = "international_address_unsupported"
     RATE_LIMITED = "rate_limited"
     SERVER_UNAVAILABLE = "server_unavailable"
     PROTOCOL_ERROR = "protocol_error"

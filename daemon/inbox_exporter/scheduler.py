@@ -5,9 +5,12 @@
 - First runs are spread over the first interval by a stable per-inbox offset (a hash of the
   name, like Prometheus' scrape offsets), so a thousand inboxes never connect at once and
   an inbox keeps its slot across restarts and reloads.
-- Credential failures (unauthorized, app_password_required) double the interval up to
-  `auth_failure_max_interval`, so the monitor never locks an account; a success or a reload
-  of that inbox brings it back to its interval. The doubling starts once the failures reach
+- Credential failures (unauthorized, app_password_required) and rate limits double the
+  interval up to `auth_failure_max_interval`, so the monitor never locks an account nor keeps
+  hitting a limit; a success, or a reload that changes that inbox, brings it back to its
+  interval.
+- The test email goes out at most every `test_email.interval`; the checks in between verify
+  the SMTP connect and login and show the step as skipped. The doubling starts once the failures reach
   the alerting threshold, so backing off never delays the alert.
 """
 
@@ -20,7 +23,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -29,11 +32,11 @@ from .check import Checker
 from .config import Config, Inbox
 from .metrics import ExporterMetrics
 from .model import CheckResult
-from .store import CREDENTIAL_CATEGORIES, Store
+from .runner import Runner
+from .store import BACKOFF_REASONS, CREDENTIAL_CATEGORIES, Store
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WORKERS = 32
 DEFAULT_AUTH_FAILURE_MAX_INTERVAL = 3600.0
 
 
@@ -44,13 +47,17 @@ def start_offset(name: str, interval: float) -> float:
 
 
 class Scheduler:
-    def __init__(self, store: Store, checker: Checker, metrics: ExporterMetrics,
-                 workers: int = DEFAULT_WORKERS,
+    """When each inbox is checked. The checks themselves run on the runner: a job here only
+    queues the check's two legs and returns, so APScheduler's own threads never wait for a
+    server, and a hanging server delays nothing but its own checks."""
+
+    def __init__(self, store: Store, checker: Checker, metrics: ExporterMetrics, runner: Runner,
                  auth_failure_max_interval: float = DEFAULT_AUTH_FAILURE_MAX_INTERVAL,
                  on_error: Callable[[BaseException], None] | None = None,
                  backoff_after: int = 2,
-                 on_sent: Callable[[Inbox, CheckResult], None] | None = None):
-        self.store, self.checker, self.metrics = store, checker, metrics
+                 on_sent: Callable[[Inbox, CheckResult], None] | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.store, self.checker, self.metrics, self.runner = store, checker, metrics, runner
         self.auth_failure_max_interval = auth_failure_max_interval
         # Backing off starts once an alert could fire (failure_threshold failed checks), so a
         # rotated password is reported within failure_threshold x interval: a couple of
@@ -58,37 +65,37 @@ class Scheduler:
         self.backoff_after = backoff_after
         self._on_error = on_error
         self._on_sent = on_sent  # a test email went out: the delivery step takes it from here
+        self._clock = clock
         self._sched = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=workers)},
+            executors={"default": ThreadPoolExecutor(max_workers=2)},  # jobs only enqueue
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=timezone.utc)
-        self._sched.add_listener(self._on_event,
-                                 EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED | EVENT_JOB_ERROR)
+        self._sched.add_listener(self._on_event, EVENT_JOB_MISSED | EVENT_JOB_ERROR)
         self._inboxes: dict[str, Inbox] = {}
         self._anchor: dict[str, tuple[float, float]] = {}  # name -> (first run, interval)
-        self._lock = threading.Lock()
-        self._in_flight = 0
+        # One lock for the job table: a reload and a backoff never interleave (a backoff must
+        # not put back the job of an inbox a reload has just replaced).
+        self._lock = threading.RLock()
+        self._busy: set[str] = set()  # inboxes with a check queued or running
         self._idle = threading.Condition(self._lock)
-        self.last_tick = time.monotonic()
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         self._sched.start()
-        # A heartbeat job: /-/healthy checks the scheduler is alive and ticking.
-        self._sched.add_job(self._tick, IntervalTrigger(seconds=5), id="__heartbeat__",
-                            next_run_time=datetime.now(timezone.utc))
 
     def stop(self, grace: float) -> bool:
         """Stop scheduling; wait up to `grace` seconds for checks in flight. True if all ended."""
         self._sched.pause()
-        with self._idle:
-            done = self._idle.wait_for(lambda: self._in_flight == 0, timeout=grace)
-        self._sched.shutdown(wait=done)
+        done = self.runner.stop(grace)
+        self._sched.shutdown(wait=False)
         return done
 
-    def _tick(self) -> None:
-        self.last_tick = time.monotonic()
+    def alive(self) -> bool:
+        """Liveness: the scheduler's thread runs and the runner's dispatcher ticks. Never a
+        question of capacity: a busy exporter is alive (saturation is in the metrics)."""
+        thread = getattr(self._sched, "_thread", None)
+        return self._sched.running and thread is not None and thread.is_alive() and self.runner.alive()
 
     # --- configuration ------------------------------------------------------------------
 
@@ -99,18 +106,18 @@ class Scheduler:
         with self._lock:
             current = dict(self._inboxes)
             self._inboxes = wanted
-        # Paused, the scheduler thread does not wake up for each of thousands of changes.
-        self._sched.pause()
-        try:
-            for name in current.keys() - wanted.keys():
-                self._remove(name)
-            for name, inbox in wanted.items():
-                if current.get(name) != inbox:
-                    if name in current:
-                        self._remove(name)
-                    self._add(inbox, delay=start_offset(name, inbox.interval))
-        finally:
-            self._sched.resume()
+            # Paused, the scheduler thread does not wake up for each of thousands of changes.
+            self._sched.pause()
+            try:
+                for name in current.keys() - wanted.keys():
+                    self._remove(name)
+                for name, inbox in wanted.items():
+                    if current.get(name) != inbox:
+                        if name in current:
+                            self._remove(name)
+                        self._add(inbox, delay=start_offset(name, inbox.interval))
+            finally:
+                self._sched.resume()
         self.metrics.inboxes.set(len(wanted))
         log.info("inboxes scheduled", extra={"inboxes": len(wanted),
                                              "added": len(wanted.keys() - current.keys()),
@@ -139,43 +146,96 @@ class Scheduler:
 
     # --- running checks -----------------------------------------------------------------
 
-    def run_now(self, inbox: Inbox) -> CheckResult:
-        """An on-demand check (/probe): same checker and caps; recorded like a scheduled one."""
-        return self._check(inbox)
+    def run_now(self, inbox: Inbox, timeout: float | None = None) -> CheckResult | None:
+        """An on-demand check (/probe): queued like a scheduled one, within the same caps and
+        workers; waits (on the caller's thread, not a worker) for the result. None when the
+        inbox's previous check is still queued or running, or it did not end in time."""
+        done = threading.Event()
+        got: list[CheckResult] = []
+
+        def finished(result: CheckResult) -> None:
+            got.append(result)
+            done.set()
+
+        if not self._submit(inbox, time.time(), on_done=finished):
+            return None
+        done.wait(timeout if timeout is not None else inbox.interval + inbox.deadline + 5)
+        return got[0] if got else None
 
     def _run(self, inbox: Inbox) -> None:
         first, interval = self._anchor.get(inbox.name, (time.time(), inbox.interval))
         now = time.time()
         scheduled = first + max(0, int((now - first) // interval)) * interval
-        self.metrics.lag.observe(max(0.0, now - scheduled))
-        self._check(inbox)
+        if not self._submit(inbox, scheduled):
+            self.metrics.skipped.inc()
+            log.warning("check skipped: the previous one is still queued or running",
+                        extra={"inbox": inbox.name})
 
-    def _check(self, inbox: Inbox) -> CheckResult:
+    def hold_test_email(self, inbox: Inbox, now: float) -> str | None:
+        """Why this check sends no test email (None: it does): at most one per
+        test_email.interval, so a monitor stays far below the providers' sending limits."""
+        state = self.store.get(inbox.name)
+        last = state.last_test_email_at if state else None
+        # Half an interval of slack: a check a moment early must not push the send a whole
+        # interval later.
+        if last is None or now - last >= inbox.test_email_interval - inbox.interval / 2:
+            return None
+        sent = datetime.fromtimestamp(last, timezone.utc).strftime("%H:%M:%S UTC")
+        return (f"not due: last sent at {sent}; sent at most every "
+                f"{inbox.test_email_interval:g}s (test_email.interval)")
+
+    def _submit(self, inbox: Inbox, scheduled: float,
+                on_done: Callable[[CheckResult], None] | None = None) -> bool:
         with self._lock:
-            self._in_flight += 1
+            if inbox.name in self._busy:
+                return False  # max one check per inbox: a slow one is never stacked
+            self._busy.add(inbox.name)
         self.metrics.in_flight.inc()
-        try:
-            result = self.checker.check(inbox)
-            self.metrics.observe(result, inbox.provider)
-            state = self.store.get(inbox.name)
-            failures = 0 if result.ok else (state.consecutive_failures if state else 0) + 1
-            effective = self._next_interval(inbox, state.effective_interval if state else None,
-                                            result, failures)
-            self.store.record(result, inbox, effective)
-            if self._on_sent and inbox.delivery is not None and result.sent_at is not None:
-                self._on_sent(inbox, result)
-            if (state.effective_interval if state else None) != effective:
-                self._backoff(inbox, effective)
-            return result
-        finally:
-            self.metrics.in_flight.dec()
-            with self._idle:
-                self._in_flight -= 1
-                self._idle.notify_all()
+        submitted = time.time()
+        started = []
+
+        def on_start(waited: float) -> None:
+            if not started:  # the first leg to start: the check's lateness
+                started.append(True)
+                self.metrics.lag.observe(max(0.0, submitted - scheduled) + waited)
+
+        def on_result(result: CheckResult) -> None:
+            try:
+                self._record(inbox, result)
+            except Exception as e:  # noqa: BLE001 - our bug: reported, the inbox keeps going
+                log.exception("recording a check crashed", extra={"inbox": inbox.name})
+                if self._on_error:
+                    self._on_error(e)
+            finally:
+                self.metrics.in_flight.dec()
+                with self._idle:
+                    self._busy.discard(inbox.name)
+                    self._idle.notify_all()
+                if on_done is not None:
+                    on_done(result)
+
+        self.checker.check_async(self.runner, inbox, on_result,
+                                 hold_test_email=self.hold_test_email(inbox, submitted),
+                                 on_start=on_start)
+        return True
+
+    def _record(self, inbox: Inbox, result: CheckResult) -> None:
+        self.metrics.observe(result, inbox.provider)
+        state = self.store.get(inbox.name)
+        failures = 0 if result.ok else (state.consecutive_failures if state else 0) + 1
+        effective = self._next_interval(inbox, state.effective_interval if state else None,
+                                        result, failures)
+        self.store.record(result, inbox, effective)
+        if self._on_sent and inbox.delivery is not None and result.sent_at is not None:
+            self._on_sent(inbox, result)
+        if (state.effective_interval if state else None) != effective:
+            self._backoff(inbox, effective)
 
     def _next_interval(self, inbox: Inbox, current: float | None, result: CheckResult,
                        failures: int) -> float | None:
-        if not any(s.diagnosis.category in CREDENTIAL_CATEGORIES for s in result.failures):
+        if not any(s.diagnosis.category in CREDENTIAL_CATEGORIES
+                   or s.diagnosis.reason in BACKOFF_REASONS
+                   for s in result.failures if s.diagnosis):
             return None
         if failures < self.backoff_after:
             return None  # keep the pace until the alert has had its checks
@@ -185,12 +245,12 @@ class Scheduler:
     def _backoff(self, inbox: Inbox, effective: float | None) -> None:
         with self._lock:
             if self._inboxes.get(inbox.name) != inbox:
-                return  # removed or changed meanwhile
-        interval = effective or inbox.interval
+                return  # removed or changed meanwhile: the reload scheduled the new one
+            interval = effective or inbox.interval
+            self._add(inbox, delay=interval, interval=interval)
         if effective:
-            log.warning("credential failure: backing off", extra={
+            log.warning("credential failure or rate limit: backing off", extra={
                 "inbox": inbox.name, "interval_seconds": interval})
-        self._add(inbox, delay=interval, interval=interval)
 
     def next_run(self, name: str) -> float | None:
         job = self._sched.get_job(name)
@@ -199,17 +259,10 @@ class Scheduler:
         return job.next_run_time.timestamp()
 
     def _on_event(self, event) -> None:
-        if event.job_id == "__heartbeat__":
-            return
-        if event.code == EVENT_JOB_MAX_INSTANCES:
-            self.metrics.skipped.inc()
-            log.warning("check skipped: the previous one is still running",
-                        extra={"inbox": event.job_id})
-        elif event.code == EVENT_JOB_MISSED:
+        if event.code == EVENT_JOB_MISSED:
             self.metrics.skipped.inc()
         elif event.code == EVENT_JOB_ERROR:
-            log.error("check crashed", extra={"inbox": event.job_id},
+            log.error("scheduling a check crashed", extra={"inbox": event.job_id},
                       exc_info=(type(event.exception), event.exception, None))
             if self._on_error:
                 self._on_error(event.exception)
-

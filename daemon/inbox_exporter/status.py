@@ -52,6 +52,7 @@ def inbox_status(state: InboxState, next_run: float | None) -> dict:
         "last_check": _iso(last.started_at) if last else None,
         "last_check_duration_seconds": round(last.duration_seconds, 6) if last else None,
         "last_success": _iso(state.last_success_at),
+        "last_test_email": _iso(state.last_test_email_at),
         "next_run": _iso(next_run),
         "steps": [{**s.to_json(), "note": s.note} for s in last.steps] if last else [],
         "delivery": None if state.delivery is None else {

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .config import Inbox
-from .model import Category, CheckResult
+from .model import Category, CheckResult, Reason
 
 if TYPE_CHECKING:
     from .confirm import DeliveryResult
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 HISTORY = 20  # recent results kept per inbox, plus as many of the failures among older ones
 
 CREDENTIAL_CATEGORIES = frozenset({Category.UNAUTHORIZED, Category.APP_PASSWORD_REQUIRED})
+# Backed off like credential failures: retrying at full pace only prolongs a rate limit.
+BACKOFF_REASONS = frozenset({Reason.RATE_LIMITED})
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class InboxState:
     next_run_at: float | None = None
     effective_interval: float | None = None  # longer than inbox.interval while backing off
     delivery: "DeliveryResult | None" = None  # the last confirmed (or failed) delivery
+    last_test_email_at: float | None = None  # when the SMTP server last accepted a test email
     version: int = 0  # bumped on every change: lets renderers cache per inbox
 
     @property
@@ -92,6 +95,7 @@ class Store:
                 history=kept,
                 old_failures=old_failures,
                 effective_interval=effective_interval,
+                last_test_email_at=result.sent_at or old.last_test_email_at,
                 version=old.version + 1,
             )
             self._states[result.inbox] = state

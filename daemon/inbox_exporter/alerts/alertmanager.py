@@ -39,6 +39,18 @@ class AlertmanagerSink(Sink):
         self._active: dict[tuple[str, str], tuple[dict, Alert]] = {}  # key -> (labels, alert)
         self._lock = threading.Lock()
 
+    @property
+    def destination(self) -> object:
+        return self.url
+
+    def adopt(self, previous: Sink) -> None:
+        """Same Alertmanager after a reload: keep re-sending what fires there."""
+        if isinstance(previous, AlertmanagerSink) and previous.url == self.url:
+            with previous._lock:
+                active = dict(previous._active)
+            with self._lock:
+                self._active.update(active)
+
     def labels(self, alert: Alert) -> dict[str, str]:
         return {"alertname": ALERTNAME, "inbox": alert.inbox, "category": alert.category,
                 "reason": alert.reason, "step": alert.step, "provider": alert.provider,

@@ -20,10 +20,10 @@ from .webhook import WebhookSink
 log = logging.getLogger(__name__)
 
 
-def build_sinks(cfg: Alerting) -> list[Sink]:
+def build_sinks(cfg: Alerting, sentry_sink: Sink | None = None) -> list[Sink]:
     sinks: list[Sink] = []
-    if cfg.sentry_dsn is not None:
-        sinks.append(sentry.SentrySink())
+    if sentry_sink is not None:
+        sinks.append(sentry_sink)
     if cfg.alertmanager_url:
         sinks.append(AlertmanagerSink(cfg.alertmanager_url, cfg.resend_interval,
                                       cfg.runbook_url, cfg.status_page_url))
@@ -38,25 +38,40 @@ class AlertPipeline:
         self._sent, self._secrets = sent, secrets
         self.transitions = Transitions(cfg.failure_threshold, cfg.recovery_threshold)
         self._cfg: Alerting | None = None
-        self._dispatcher: Dispatcher | None = None
+        self._dispatcher = Dispatcher([], sent)
+        self._sentry: tuple[tuple[str, str], sentry.SentrySink] | None = None  # (DSN, env), sink
         self.configure(cfg)
 
     def configure(self, cfg: Alerting) -> None:
-        """Adopt a (re)loaded alerting section; sinks are rebuilt only when it changed."""
+        """Adopt a (re)loaded alerting section.
+
+        The transitions (what fires, hence what will resolve) and every sink's queue survive:
+        a kept sink delivers what waited for it, through its reloaded settings. A removed sink
+        is stopped and closed. Only a sink that is new, or now points elsewhere, gets the
+        firing alerts handed over (the others have them already: no duplicate pages).
+        """
         self.transitions.failure_threshold = cfg.failure_threshold
         self.transitions.recovery_threshold = cfg.recovery_threshold
         if cfg == self._cfg:
             return
-        if cfg.sentry_dsn is not None:
-            sentry.init(cfg.sentry_dsn.get_secret_value(), cfg.sentry_environment, self._secrets)
-        old, self._dispatcher = self._dispatcher, Dispatcher(build_sinks(cfg), self._sent)
+        fresh = self._dispatcher.update(build_sinks(cfg, self._sentry_sink(cfg)))
         self._cfg = cfg
-        if old is not None:
-            old.stop()
-        # Alertmanager forgets what it is no longer told: hand the firing alerts over.
-        self._dispatcher.submit(self.transitions.firing())
+        firing = self.transitions.firing()
+        if fresh and firing:
+            self._dispatcher.submit(firing, only=fresh)
         log.info("alerting configured", extra={"sinks": ",".join(s.name for s in self._dispatcher.sinks)
                                                or "none"})
+
+    def _sentry_sink(self, cfg: Alerting) -> sentry.SentrySink | None:
+        """The Sentry sink, kept while its DSN and environment are (one client per DSN)."""
+        if cfg.sentry_dsn is None:
+            self._sentry = None
+            return None
+        key = (cfg.sentry_dsn.get_secret_value(), cfg.sentry_environment)
+        if self._sentry is None or self._sentry[0] != key:
+            client = sentry.init(key[0], key[1], self._secrets)
+            self._sentry = (key, sentry.SentrySink(client))
+        return self._sentry[1]
 
     def on_record(self, previous: InboxState | None, state: InboxState) -> None:
         """Store listener: runs on the check's thread, so it must never block."""
@@ -65,16 +80,15 @@ class AlertPipeline:
 
     def observe(self, result: CheckResult, provider: str) -> None:
         alerts = self.transitions.observe(result, provider)
-        if alerts and self._dispatcher is not None:
+        if alerts:
             self._dispatcher.submit(alerts)
 
     def forget(self, names: Iterable[str]) -> None:
         now = time.time()
         for name in names:
             alerts = self.transitions.forget(name, now)
-            if alerts and self._dispatcher is not None:
+            if alerts:
                 self._dispatcher.submit(alerts)
 
     def stop(self) -> None:
-        if self._dispatcher is not None:
-            self._dispatcher.stop()
+        self._dispatcher.stop()

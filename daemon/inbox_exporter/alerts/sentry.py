@@ -39,8 +39,9 @@ def scrubber(secrets: Callable[[], Iterable[str]]):
     return before_send
 
 
-def init(dsn: str, environment: str, secrets: Callable[[], Iterable[str]]) -> None:
-    sentry_sdk.init(
+def init(dsn: str, environment: str, secrets: Callable[[], Iterable[str]]) -> sentry_sdk.Client:
+    """A client for this DSN, made the process's (the scheduler reports our crashes to it)."""
+    client = sentry_sdk.Client(
         dsn=dsn, environment=environment, release=f"inbox-exporter@{__version__}",
         send_default_pii=False, include_local_variables=False, max_request_body_size="never",
         before_send=scrubber(secrets), before_send_transaction=lambda event, hint: None,
@@ -48,14 +49,27 @@ def init(dsn: str, environment: str, secrets: Callable[[], Iterable[str]]) -> No
         # Our crashes reach Sentry once, through the scheduler's error hook; log lines are
         # breadcrumbs only (they are written secret-free, and the scrubber checks anyway).
         integrations=[LoggingIntegration(level=logging.INFO, event_level=None)])
+    sentry_sdk.get_global_scope().set_client(client)
+    return client
 
 
 class SentrySink(Sink):
+    """Alerts through one client. Closing the sink closes its client: a DSN removed from the
+    config (or replaced) then gets nothing more, the daemon's own crashes included."""
+
     name = "sentry"
+
+    def __init__(self, client: sentry_sdk.Client):
+        self.client = client
+
+    @property
+    def destination(self) -> object:
+        return self.client
 
     def send(self, alert: Alert) -> None:
         firing = alert.status == FIRING
         with sentry_sdk.new_scope() as scope:
+            scope.set_client(self.client)  # this sink's DSN, even while a reload swaps them
             scope.fingerprint = ["inbox-exporter", alert.inbox, alert.category]
             scope.level = "error" if firing else "info"
             for tag in ("inbox", "provider", "step", "category", "reason", "status"):
@@ -65,8 +79,11 @@ class SentrySink(Sink):
                 "first_failure_at": alert.first_failure_at,
                 "consecutive_failures": alert.consecutive_failures})
             text = summary(alert) + (f": {alert.hint}" if firing else " - resolved")
-            sentry_sdk.capture_message(text)
-        sentry_sdk.flush(timeout=5)  # this worker's thread waits; the checks never do
+            scope.capture_message(text)
+        self.client.flush(timeout=5)  # this worker's thread waits; the checks never do
 
     def close(self) -> None:
-        sentry_sdk.flush(timeout=2)
+        scope = sentry_sdk.get_global_scope()
+        if scope.client is self.client:
+            scope.set_client(None)  # back to a client that records nothing
+        self.client.close(timeout=2)  # sends what is queued, then stops the transport

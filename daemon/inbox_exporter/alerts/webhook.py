@@ -22,6 +22,10 @@ class WebhookSink(Sink):
         self.name = f"webhook{index}"  # bounded: one per configured webhook, no URL in labels
         self.runbook_url, self.status_page_url = runbook_url, status_page_url
 
+    @property
+    def destination(self) -> object:
+        return self.url
+
     def send(self, alert: Alert) -> None:
         post_json(self.url, document(alert, self.runbook_url, self.status_page_url), self._headers)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from .alerting import Alerting, resolve_alerting
 from .resolve import Delivery, Inbox, OAuth2, resolve_inboxes
@@ -36,6 +36,7 @@ class Config:
     checks: ChecksModel = ChecksModel()
     metrics: MetricsModel = MetricsModel()
     alerting: Alerting | None = None
+    probe_key: SecretStr | None = None  # from checks.probe_key_env
 
     def inbox(self, name: str) -> Inbox:
         for i in self.inboxes:
@@ -94,8 +95,18 @@ def parse_config(text: str, source: str, environ: Mapping[str, str],
         model = ConfigModel.model_validate(data)
     except ValidationError as e:
         raise _first_error(e, data, source) from None
+    probe_key = None
+    if model.checks.probe_key_env is not None:
+        if model.checks.probe_key_file is not None:
+            raise ConfigError("checks.probe_key_env", "set at most one of probe_key_env, "
+                              "probe_key_file", source)
+        value = environ.get(model.checks.probe_key_env)
+        if not value:
+            raise ConfigError("checks.probe_key_env", f"environment variable "
+                              f"{model.checks.probe_key_env} is not set", source)
+        probe_key = SecretStr(value)
     return Config(resolve_inboxes(model, source, environ, strict_secrets), source, model.checks,
-                  model.metrics, resolve_alerting(model.alerting, source, environ))
+                  model.metrics, resolve_alerting(model.alerting, source, environ), probe_key)
 
 
 def _first_error(exc: ValidationError, data: dict, source: str) -> ConfigError:

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from .. import providers
+from ..probes.transport import ascii_host
 from ..providers import Endpoint
 from ..redact import sasl_plain
 from .schema import (DEADLINE_STEPS, DEFAULT_INTERVAL, DEFAULT_TIMEOUT, AuthModel, ConfigError,
@@ -22,6 +23,7 @@ from .schema import (DEADLINE_STEPS, DEFAULT_INTERVAL, DEFAULT_TIMEOUT, AuthMode
                      TestEmailModel)
 
 Fail = Callable[[str, str], ConfigError]
+PLAINTEXT = "none sends the password in clear: set allow_plaintext_login: true to accept that"
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Inbox:
     source_address: str | None
     test_email_to: str | None
     test_email_subject: str
+    test_email_interval: float = 3600.0  # at least `interval`
     delivery: Delivery | None = None
     oauth: OAuth2 | None = None
 
@@ -160,13 +163,20 @@ def _inbox(raw: InboxModel, model: ConfigModel, source: str, environ: Mapping[st
         where_key = "deadline" if raw.deadline is not None or defaults.deadline is None else "interval"
         raise fail(where_key, f"the deadline ({deadline:g}s) must not exceed the interval "
                               f"({interval:g}s): checks would overlap")
+    if password is not None and not pick("allow_plaintext_login", False):
+        for protocol, ep in (("imap", imap), ("smtp", smtp)):
+            if ep.security == "none":
+                raise fail(f"{protocol}.security", PLAINTEXT)
     test_email: TestEmailModel | None = pick("test_email", None)
     delivery = _delivery(pick("delivery", None), raw, imap, password, oauth, environ,
                          f"{where}.delivery", source)
+    if (delivery is not None and not delivery.own and delivery.imap.security == "none"
+            and not pick("allow_plaintext_login", False)):
+        raise fail("delivery.mailbox.security", PLAINTEXT)
     if delivery is not None and delivery.own:
         # The probe goes to the inbox itself, where it is looked for.
-        test_email = TestEmailModel(to=raw.email, **({"subject": test_email.subject}
-                                                      if test_email else {}))
+        test_email = (test_email.model_copy(update={"to": raw.email}) if test_email
+                      else TestEmailModel(to=raw.email))
     elif delivery is not None and test_email is None:
         raise fail("test_email", "required with a delivery.mailbox account: the address "
                                  "of the watched account")
@@ -187,6 +197,8 @@ def _inbox(raw: InboxModel, model: ConfigModel, source: str, environ: Mapping[st
         test_email_to=test_email.to if test_email else None,
         test_email_subject=(test_email.subject if test_email
                             else TestEmailModel.model_fields["subject"].default),
+        test_email_interval=max(interval, test_email.interval if test_email
+                                else TestEmailModel.model_fields["interval"].default),
         delivery=delivery,
         oauth=oauth,
     )
@@ -264,6 +276,10 @@ def endpoint(protocol: str, raw: ServerModel, preset: Endpoint | None, fail: Fai
     host = raw.host or (preset.host if preset else None)
     if not host:
         raise fail(f"{protocol}.host", "required (or set provider)")
+    try:
+        ascii_host(host)
+    except UnicodeError as e:
+        raise fail(f"{protocol}.host", f"not a valid internationalized host name: {e}") from None
     security = (raw.security or providers.SECURITY_BY_PORT.get(raw.port or 0)
                 or (preset.security if preset else "ssl"))
     port = raw.port or (preset.port if preset and preset.security == security else None)

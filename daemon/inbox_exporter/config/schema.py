@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr
 
+from ..probes.transport import ascii_host
+
 NAME_RE = re.compile(r"^[a-z0-9_.-]+$")
 _DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
 
@@ -59,7 +61,17 @@ def _name(value: Any) -> Any:
 def _email(value: Any) -> Any:
     if isinstance(value, str) and not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
         raise ValueError(f"not an email address: {value!r}")
+    if isinstance(value, str):
+        _idn(value.rpartition("@")[2])
     return value
+
+
+def _idn(host: str) -> None:
+    """An internationalized domain must have an A-label form (what DNS and SMTP see)."""
+    try:
+        ascii_host(host)
+    except UnicodeError as e:
+        raise ValueError(f"not a valid internationalized domain name {host!r}: {e}") from None
 
 
 def _subject(value: Any) -> Any:
@@ -123,9 +135,16 @@ class ServerModel(_Strict):
     security: Security | None = None
 
 
+DEFAULT_TEST_EMAIL_INTERVAL = 3600.0
+
+
 class TestEmailModel(_Strict):
     to: Email
     subject: Annotated[str, BeforeValidator(_subject)] = "inbox-exporter test email"
+    # How often the test email goes out (never more often than the inbox is checked): the SMTP
+    # connect and login are verified at every check; sending at every one would be 1,440 mails
+    # a day per inbox at 60s, past consumer sending limits.
+    interval: Duration = DEFAULT_TEST_EMAIL_INTERVAL
 
 
 class AuthModel(_Strict):
@@ -171,6 +190,9 @@ class _Overridable(_Strict):
     timeout: Duration | None = None
     deadline: Duration | None = None
     allow_insecure_certificate: bool | None = None
+    # Required with `security: none` and a password: the password then crosses the network
+    # in clear, which must be a decision, not a default.
+    allow_plaintext_login: bool | None = None
     ca_file: str | None = None
     source_address: str | None = None
     test_email: TestEmailModel | None = None
@@ -200,6 +222,9 @@ class ChecksModel(_Strict):
     concurrency: Positive = 32  # worker threads; read at start-up only
     max_connections_per_host: Positive = 10
     auth_failure_max_interval: Duration = 3600.0
+    # The key that signs probe ids (probe_id.py): only mail whose id verifies is ever deleted.
+    probe_key_env: str | None = None
+    probe_key_file: str | None = None  # created (0600) on first start when missing
 
 
 class SentryModel(_Strict):

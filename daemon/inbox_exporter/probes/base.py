@@ -7,9 +7,11 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from .. import errors
 from ..config import Inbox
+from ..deadline import WATCHDOG, Watchdog
 from ..model import CertificateInfo, Protocol
 from ..oauth import sasl
 from ..oauth.tokens import AccessToken, TokenCache
@@ -18,6 +20,8 @@ from .transport import Connection, certificate_info, context_for, open_socket, u
 
 
 CLOSE_TIMEOUT = 2.0  # for LOGOUT / QUIT after the steps
+
+T = TypeVar("T")
 
 
 class Probe:
@@ -82,3 +86,15 @@ class Probe:
         issued = "a freshly issued" if token.fresh else "a cached"
         why = f" ({exchange.error})" if exchange.error else ""
         return errors.OAuthLoginRefused(f"{reply}{why} [{issued} {exchange.mechanism} token]")
+
+
+def converse(probe: Probe, body: Callable[[], T], watchdog: Watchdog = WATCHDOG) -> T:
+    """Talk to a server on `probe`'s connection (the caller holds the connection slot) and
+    always close it afterwards; LOGOUT / QUIT is bounded by the watchdog, since a server may
+    trickle its reply. The one way the checks, the delivery polls and the sweep end a
+    connection."""
+    try:
+        return body()
+    finally:
+        with watchdog.guard(CLOSE_TIMEOUT, probe.conn.abort):
+            probe.close()

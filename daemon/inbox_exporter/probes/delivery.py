@@ -1,7 +1,8 @@
 """Finding the probe mail in a mailbox, and removing it — and only it.
 
 The exporter never deletes, moves or flags mail it did not send itself. A message is ours only
-when its X-Inbox-Exporter-Probe header holds a probe id of our format *and* its Message-ID is
+when its X-Inbox-Exporter-Probe header holds a probe id that verifies under our key
+(probe_id.py: another deployment's probes and forged headers do not) *and* its Message-ID is
 the one we build from that id (probes/smtp.py); every message is checked again, in the
 read-write session that changes it, before anything is changed. Removal is `\\Deleted` plus
 UID EXPUNGE of exactly those UIDs (UIDPLUS), else MOVE to the Trash folder; never a plain
@@ -21,9 +22,9 @@ from email.parser import BytesHeaderParser
 
 from imapclient import IMAPClient
 
+from ..probe_id import ProbeKey
 from .smtp import PROBE_HEADER
 
-PROBE_ID = re.compile(r"^[0-9a-f]{32}$")
 # Folder names providers use when SPECIAL-USE (RFC 6154) is not offered.
 JUNK_NAMES = ("Junk", "Spam", "Junk E-mail", "Junk Email", "[Gmail]/Spam", "Bulk Mail", "INBOX.Junk",
               "INBOX.Spam")
@@ -39,11 +40,11 @@ class Found:
     received: tuple[float, ...]  # Received: header timestamps, newest first
 
 
-def is_ours(headers: bytes, probe_id: str | None = None) -> bool:
-    """Our header with an id of our format, and the Message-ID we make of that id."""
+def is_ours(headers: bytes, key: ProbeKey, probe_id: str | None = None) -> bool:
+    """Our header with an id signed by our key, and the Message-ID we make of that id."""
     msg = BytesHeaderParser().parsebytes(headers)
     value = (msg.get(PROBE_HEADER) or "").strip()
-    if not PROBE_ID.match(value) or (probe_id is not None and value != probe_id):
+    if (probe_id is not None and value != probe_id) or not key.verifies(value):
         return False
     message_id = (msg.get("Message-ID") or "").strip()
     return message_id.startswith(f"<inbox-exporter.{value}@") and message_id.endswith(">")
@@ -66,31 +67,32 @@ def trash_folder(client: IMAPClient) -> str | None:
     return _special(client, b"\\Trash", TRASH_NAMES)
 
 
-def _ours(client: IMAPClient, uids: list[int], probe_id: str | None) -> dict[int, dict]:
+def _ours(client: IMAPClient, uids: list[int], probe_id: str | None,
+          key: ProbeKey) -> dict[int, dict]:
     if not uids:
         return {}
     data = client.fetch(uids, [_HEADERS, "INTERNALDATE"])
-    key = next((k for d in data.values() for k in d if k.startswith(b"BODY[HEADER")), None)
-    return {uid: d for uid, d in data.items() if key and is_ours(d[key], probe_id)}
+    field = next((k for d in data.values() for k in d if k.startswith(b"BODY[HEADER")), None)
+    return {uid: d for uid, d in data.items() if field and is_ours(d[field], key, probe_id)}
 
 
-def find(client: IMAPClient, folder: str, probe_id: str) -> Found | None:
+def find(client: IMAPClient, folder: str, probe_id: str, key: ProbeKey) -> Found | None:
     """The probe mail in `folder`, read-only (EXAMINE); None if it is not there."""
     client.select_folder(folder, readonly=True)
     uids = client.search(["HEADER", PROBE_HEADER, probe_id])
-    for uid, d in _ours(client, uids, probe_id).items():
+    for uid, d in _ours(client, uids, probe_id, key).items():
         key = next(k for k in d if k.startswith(b"BODY[HEADER"))
         return Found(folder, uid, _timestamp(d[b"INTERNALDATE"]), _received(d[key]))
     return None
 
 
 def remove(client: IMAPClient, folder: str, probe_id: str | None, trash: str | None,
-           older_than: float | None = None) -> int:
+           key: ProbeKey, older_than: float | None = None) -> int:
     """Remove our probe mail from `folder` (one id, or with probe_id None every probe mail of
     ours older than `older_than` Unix time). Returns how many were removed."""
     client.select_folder(folder, readonly=False)
     criteria = ["HEADER", PROBE_HEADER, probe_id or ""]
-    ours = _ours(client, client.search(criteria), probe_id)
+    ours = _ours(client, client.search(criteria), probe_id, key)
     if older_than is not None:
         ours = {u: d for u, d in ours.items() if _timestamp(d[b"INTERNALDATE"]) < older_than}
     uids = sorted(ours)

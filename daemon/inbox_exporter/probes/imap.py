@@ -14,6 +14,7 @@ from ..model import Phase, Protocol
 from ..oauth import sasl
 from ..oauth.tokens import TokenCache
 from .base import CLOSE_TIMEOUT, Probe
+from .transport import ascii_host
 
 
 class _IMAP4(imaplib.IMAP4):
@@ -61,8 +62,9 @@ class ImapProbe(Probe):
         ep = self.endpoint
         with self.handshake():
             try:
-                self.client = _Client(self.opener(timeout), ep.host, ep.port, ep.security == "ssl",
-                                      timeout)
+                # The name STARTTLS checks the certificate against: an IDN in A-labels.
+                self.client = _Client(self.opener(timeout), ascii_host(ep.host), ep.port,
+                                      ep.security == "ssl", timeout)
             except imaplib.IMAP4.error as e:
                 if "unexpected response" in str(e):
                     raise errors.UnexpectedReply(f"not an IMAP greeting: {e}") from e

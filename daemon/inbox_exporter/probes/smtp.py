@@ -14,6 +14,7 @@ from ..config import Inbox
 from ..model import Phase, Protocol
 from ..oauth.tokens import TokenCache
 from .base import CLOSE_TIMEOUT, Probe
+from .transport import ascii_host
 
 PROBE_HEADER = "X-Inbox-Exporter-Probe"
 # Preferred first; CRAM-MD5 and friends are obsolete and XOAUTH2 needs a token, not a password.
@@ -36,20 +37,51 @@ class _SMTP(smtplib.SMTP):
     def _get_socket(self, host, port, timeout):
         return self._open_fn()
 
+    def auth(self, mechanism, authobject, *, initial_response_ok=True):
+        # smtplib encodes every SASL response as ASCII: a non-ASCII user or password would be
+        # a UnicodeEncodeError. PLAIN (RFC 4616) and XOAUTH2 carry UTF-8; LOGIN has no
+        # standard, and servers (Dovecot, Exchange) read UTF-8 there too.
+        def utf8(*challenge):
+            return _Utf8(authobject(*challenge))
 
-def probe_message(inbox: Inbox, probe_id: str, date: str | None = None) -> bytes:
+        return super().auth(mechanism, utf8, initial_response_ok=initial_response_ok)
+
+
+class _Utf8(str):
+    """A SASL response that smtplib's `.encode("ascii")` turns into UTF-8 bytes."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return str.encode(self, "utf-8", errors)
+
+
+def ascii_address(address: str, role: str) -> str:
+    """An address any SMTP server takes: an IDN domain in A-labels (RFC 5890). A non-ASCII
+    local part has no ASCII form: it needs SMTPUTF8 (RFC 6531)."""
+    local, _, domain = address.rpartition("@")
+    if not local.isascii():
+        raise errors.SmtpUtf8Unsupported(
+            f"the {role} address {address} has a non-ASCII local part and the server does not "
+            f"offer SMTPUTF8 (RFC 6531)")
+    return f"{local}@{ascii_host(domain)}"
+
+
+def probe_message(inbox: Inbox, probe_id: str, date: str | None = None,
+                  sender: str | None = None, recipient: str | None = None) -> bytes:
     """The test email: findable later by its Message-ID or our header, both carrying the id.
 
     Written out directly: the email package's generator costs milliseconds of CPU per check,
-    several times what the rest of the SMTP chain does.
+    several times what the rest of the SMTP chain does. `sender` and `recipient` are the
+    envelope's forms of the addresses; non-ASCII ones only go out with SMTPUTF8, where
+    headers are UTF-8 (RFC 6532). The Message-ID stays ASCII (the delivery step searches it).
     """
-    domain = inbox.email.rpartition("@")[2]
+    sender, recipient = sender or inbox.email, recipient or inbox.test_email_to
+    domain = ascii_host(inbox.email.rpartition("@")[2])
     subject = inbox.test_email_subject
     if not subject.isascii():
         subject = Header(subject, "utf-8").encode()
     headers = (
-        f"From: {inbox.email}",
-        f"To: {inbox.test_email_to}",
+        f"From: {sender}",
+        f"To: {recipient}",
         f"Subject: {subject}",
         f"Date: {date or formatdate(localtime=False, usegmt=True)}",
         f"Message-ID: <inbox-exporter.{probe_id}@{domain}>",
@@ -61,7 +93,7 @@ def probe_message(inbox: Inbox, probe_id: str, date: str | None = None) -> bytes
     )
     body = (f"This is an automated test email sent by inbox-exporter to verify that the inbox "
             f"{inbox.name} can send mail. It can be deleted.", "", f"Probe id: {probe_id}")
-    return ("\r\n".join(headers) + "\r\n\r\n" + "\r\n".join(body) + "\r\n").encode("ascii")
+    return ("\r\n".join(headers) + "\r\n\r\n" + "\r\n".join(body) + "\r\n").encode("utf-8")
 
 
 class SmtpProbe(Probe):
@@ -76,7 +108,7 @@ class SmtpProbe(Probe):
     def connect(self, timeout: float) -> None:
         ep = self.endpoint
         smtp = self.smtp = _SMTP(self.opener(timeout), timeout)
-        smtp._host = ep.host  # starttls() checks the certificate against this name
+        smtp._host = ascii_host(ep.host)  # starttls() checks the certificate against this name
         with self.handshake():
             code, greeting = smtp.connect(ep.host, ep.port)
         if code == -1:  # smtplib's word for "no three-digit code"
@@ -133,7 +165,7 @@ class SmtpProbe(Probe):
         def respond(challenge: bytes | None = None) -> str:
             # smtplib sends the initial response with AUTH (RFC 4954), then one line per 334.
             data = exchange.first() if challenge is None else exchange.respond(challenge)
-            return data.decode("ascii")
+            return data.decode("utf-8")  # the user= part may be an internationalized address
 
         try:
             smtp.auth(exchange.mechanism, respond, initial_response_ok=True)
@@ -143,8 +175,18 @@ class SmtpProbe(Probe):
 
     def send_test_email(self, timeout: float) -> None:
         smtp = self._ready(timeout)
-        smtp.sendmail(self.inbox.email, [self.inbox.test_email_to],
-                      probe_message(self.inbox, self.probe_id))
+        sender, recipient = self.inbox.email, self.inbox.test_email_to
+        assert recipient is not None
+        options: list[str] = []
+        if not (sender.isascii() and recipient.isascii()):
+            if smtp.has_extn("smtputf8"):
+                options.append("SMTPUTF8")  # MAIL FROM:<...> SMTPUTF8: UTF-8 envelope and headers
+            else:
+                sender = ascii_address(sender, "sender")
+                recipient = ascii_address(recipient, "recipient")
+        smtp.sendmail(sender, [recipient],
+                      probe_message(self.inbox, self.probe_id, sender=sender, recipient=recipient),
+                      mail_options=options)
         self.accepted_at = time.time()
 
     def close(self) -> None:

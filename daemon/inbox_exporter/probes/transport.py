@@ -12,9 +12,12 @@ import ipaddress
 import os
 import socket
 import ssl
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
+
+import idna
 
 from ..model import CertificateInfo, Phase, Protocol
 
@@ -42,6 +45,7 @@ def open_socket(conn: Connection, host: str, port: int, timeout: float,
                 source_address: str | None, tls: ssl.SSLContext | None) -> socket.socket:
     """Resolve, connect (trying each address, like socket.create_connection) and wrap in TLS."""
     conn.phase = Phase.DNS
+    host = ascii_host(host)  # DNS and the certificate both know an IDN by its A-labels
     infos = resolve(host, port, timeout)
     conn.phase = Phase.CONNECT
     last: OSError | None = None
@@ -72,9 +76,27 @@ def open_socket(conn: Connection, host: str, port: int, timeout: float,
     return sock
 
 
+def ascii_host(host: str) -> str:
+    """A host name as DNS and TLS need it: an internationalized one (IDN) in A-labels.
+
+    IDNA 2008 with the UTS 46 mapping, as browsers and mail clients use: `straße.de` is
+    `xn--strae-oqa.de`, where Python's own "idna" codec (IDNA 2003, which socket and ssl apply
+    to a str) would say `strasse.de`, another domain. Raises `idna.IDNAError` (a UnicodeError)
+    for a name that has no A-label form; the config loader reports that as a config error.
+    """
+    if host.isascii():
+        return host
+    return idna.encode(host, uts46=True).decode("ascii")
+
+
 # getaddrinfo() cannot be interrupted, so lookups run on a few threads of their own and the
-# step waits at most its timeout; a hung resolver then fails checks instead of hanging them.
+# step waits at most its timeout. A hung resolver must not grow a queue either: concurrent
+# lookups of one name share one call, a lookup given up on is cancelled if it has not started,
+# and beyond MAX_PENDING distinct lookups a new one fails at once (as a DNS timeout).
 _RESOLVER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dns")
+MAX_PENDING = 64
+_pending: dict[tuple[str, int], list] = {}  # (host, port) -> [future, waiters]
+_pending_lock = threading.Lock()
 
 
 def resolve(host: str, port: int, timeout: float) -> list:
@@ -83,11 +105,41 @@ def resolve(host: str, port: int, timeout: float) -> list:
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except ValueError:
         pass
-    future = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    key = (host, port)
+    with _pending_lock:
+        entry = _pending.get(key)
+        if entry is None:
+            if len(_pending) >= MAX_PENDING:
+                raise TimeoutError(f"DNS lookup of {host} not started: {len(_pending)} lookups "
+                                   "are pending (the resolver is not answering)")
+            future = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+            entry = _pending[key] = [future, 0]
+            future.add_done_callback(lambda f: _forget(key, f))
+        entry[1] += 1
+        future = entry[0]
     try:
         return future.result(timeout=timeout)
-    except FutureTimeout:
+    except (FutureTimeout, CancelledError):
         raise TimeoutError(f"DNS lookup of {host} took longer than {timeout:g}s") from None
+    finally:
+        with _pending_lock:
+            entry[1] -= 1
+            abandoned = entry[1] == 0
+        if abandoned:
+            future.cancel()  # nobody waits: if still queued, it never runs (outside the lock:
+            #                  cancel() runs _forget, which takes it)
+
+
+def _forget(key: tuple[str, int], future: Future) -> None:
+    with _pending_lock:
+        entry = _pending.get(key)
+        if entry is not None and entry[0] is future:
+            del _pending[key]
+
+
+def pending_lookups() -> int:
+    with _pending_lock:
+        return len(_pending)
 
 
 @functools.lru_cache(maxsize=64)
