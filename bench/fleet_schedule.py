@@ -53,7 +53,9 @@ def main() -> int:
         config.write_text(yaml.safe_dump({
             "defaults": {"interval": f"{args.interval}s", "timeout": f"{TIMEOUT}s",
                          "ca_file": str(lab.ca_file),
-                         "test_email": {"to": lab.users["bcc"].address}},
+                         # worst case: the test email at every check, not once an hour
+                         "test_email": {"to": lab.users["bcc"].address,
+                                        "interval": f"{args.interval}s"}},
             "inboxes": [{
                 "name": f"inbox-{i:04d}", "email": users[i % ACCOUNTS].address,
                 "password": users[i % ACCOUNTS].password,

@@ -248,3 +248,11 @@ def test_an_exhausted_deadline_fails_the_steps_never_run_instead_of_passing_them
     assert "deadline" in smtp.diagnosis.detail
     assert result.step(Step.TEST_EMAIL).status is Status.SKIPPED
     assert not result.ok
+
+
+def test_a_non_ascii_password_logs_in_to_imap_and_smtp(lab, lab_inbox):
+    # imaplib's LOGIN takes ASCII only: the probe uses SASL PLAIN (UTF-8) when offered.
+    if "umlaut" not in lab.users:
+        lab.add_user("umlaut", "Pässwörd-ß-€")
+    result = CHECKER.check(lab_inbox("umlaut", password="Pässwörd-ß-€"))
+    assert result.ok, result.to_json()

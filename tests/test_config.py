@@ -231,14 +231,17 @@ inboxes:
     assert (a.imap.security, a.smtp.security, b.imap.security) == ("none", "none", "none")
     with pytest.raises(ConfigError, match=r"^config.yaml: inboxes\[a\]\.imap\.security: none sends"):
         load(text % "false")
-    # An inbox that logs in with a token has no password to give away.
-    oauth = load("""
+    # An inbox that logs in with a token would give the token away the same way.
+    oauth = """
 inboxes:
   - {name: t, email: t@example.test, imap: {host: h, security: none}, smtp: {host: h},
+     allow_plaintext_login: %s,
      auth: {method: oauth2, token_url: "https://idp.example/token", client_id: c,
             refresh_token_env: SALES_RT}}
-""")
-    assert oauth.inboxes[0].password is None
+"""
+    with pytest.raises(ConfigError, match=r"none sends the access token in clear"):
+        load(oauth % "false")
+    assert load(oauth % "true").inboxes[0].password is None
 
 
 def test_international_host_names_and_addresses_are_accepted_in_their_unicode_form():

@@ -276,3 +276,34 @@ def test_only_mail_signed_with_our_key_is_ever_removed(lab, keeper):
     assert len(after) == len(before) - 1
     assert KEY.verifies(mine) and not KEY.verifies(theirs) and not KEY.verifies(forged)
     assert not KEY.verifies(old_format)
+
+
+def test_the_copy_in_the_senders_sent_folder_is_removed_and_nothing_else(lab, lab_inbox):
+    from inbox_exporter.confirm import DeliveryConfirmer
+    from inbox_exporter.limits import ConnectionLimits
+
+    from .conftest import wait_until
+
+    inbox = lab_inbox("sender")
+    assert inbox.test_email_cleanup_sent  # the default
+    with login(lab, "sender") as client:  # the user's own sent mail, which must stay
+        own_id = KEY.new_id()
+        client.append("Sent", probe_mail(lab, "x@example.test", own_id)[1].replace(
+            own_id.encode(), b"their-own-text"))
+        before = snapshot(client, "Sent")
+    limits = ConnectionLimits()
+    confirmer = DeliveryConfirmer(limits, on_result=lambda *a: None, probe_key=KEY)
+    try:
+        result = Checker(limits, probe_key=KEY).check(inbox)
+        assert result.ok and result.sent_at
+        # The server filed a copy in Sent (the lab's Postfix does, as Gmail does) ...
+        lab.wait_for_message("sender", lambda m: m.maillab_folder == "Sent"
+                             and result.probe_id in m.get(PROBE_HEADER, ""))
+        # ... and the daemon's cleanup removes it, and only it.
+        wait_until(lambda: confirmer.remove_sent_copy(inbox, result.probe_id, final=False),
+                   10, "the Sent copy to be removed")
+    finally:
+        confirmer.stop()
+    with login(lab, "sender") as client:
+        assert snapshot(client, "Sent") == before
+    assert not [m for m in lab.messages("sender") if result.probe_id in m.get(PROBE_HEADER, "")]

@@ -252,3 +252,19 @@ def _try(host: str) -> str:
         return "timeout"
     except OSError:
         return "error"
+
+
+def test_the_daemon_removes_the_sent_copy_of_its_test_email(lab, exporter_for):
+    entry = lab_entry(lab, "with-sent-copy", "sender", interval="10m")
+    exporter, _ = exporter_for([entry], {env_name("with-sent-copy"): lab.users["sender"].password})
+    result = exporter.scheduler.run_now(exporter.config.inboxes[0])
+    assert result.ok and result.sent_at
+
+    def copies():
+        return [m for m in lab.messages("sender") if result.probe_id in m.get("X-Inbox-Exporter-Probe", "")]
+
+    # Delivered to the BCC address and, in the same queue run, filed in the sender's Sent
+    # folder by the server; then removed by the daemon (it looks for up to a minute).
+    lab.wait_for_message("bcc", lambda m: result.probe_id in m.get("Message-ID", ""))
+    wait_until(lambda: "to=<sender+Sent@" in lab.log_tail("postfix", 400), 10, "the Sent copy")
+    wait_until(lambda: not copies(), 20, "the Sent copy to be removed")

@@ -288,6 +288,7 @@ def test_the_public_replies_to_a_refused_token_are_oauth_token_rejected(lab, tmp
         entry = oauth_entry(lab, "public", rt_file=rt)
         entry[protocol] = {"host": "127.0.0.1", "port": server.port, "security": "none"}
         entry[other] = {"host": "127.0.0.1", "port": 1, "security": "none"}
+        entry["allow_plaintext_login"] = True  # the scripted servers speak no TLS
         environ = {CLIENT_SECRET_ENV: lab.oauth.clients["exporter"].client_secret}
         inbox = parse_config(config_text(lab, [entry]), "t.yaml", environ).inboxes[0]
         tokens = TokenCache()

@@ -126,7 +126,8 @@ def test_xoauth2_carries_a_non_ascii_user_as_utf8(lab, tmp_path):
     with FakeServer(script) as server:
         entry = oauth_entry(lab, "intl", rt_file=rt)
         entry.update(username="jörg@example.test", imap={"host": "127.0.0.1", "port": 1},
-                     smtp={"host": "127.0.0.1", "port": server.port, "security": "none"})
+                     smtp={"host": "127.0.0.1", "port": server.port, "security": "none"},
+                     allow_plaintext_login=True)  # the scripted server speaks no TLS
         environ = {CLIENT_SECRET_ENV: lab.oauth.clients["exporter"].client_secret}
         inbox = parse_config(config_text(lab, [entry]), "t.yaml", environ).inboxes[0]
         result = Checker(tokens=TokenCache()).check(inbox)

@@ -43,6 +43,7 @@ class Leg:
     identities: frozenset[str]
     run: Callable[[], list[StepResult]]  # talks to the server (the slot is held); never raises
     not_run: Callable[[str], list[StepResult]]  # it never got a slot: failed as a timeout
+    abort: Callable[[], None]  # cut its connection now (shutdown after the grace period)
 
 
 class Plan:
@@ -84,7 +85,8 @@ class Plan:
         return Leg(probe.protocol.value, probe.endpoint.host,
                    frozenset({inbox.username, inbox.email}),
                    run=lambda: c.run_chain(inbox, probe, chain, self.deadline()),
-                   not_run=lambda why: c.not_run(inbox, probe, chain, errors.StepTimeout(why)))
+                   not_run=lambda why: c.not_run(inbox, probe, chain, errors.StepTimeout(why)),
+                   abort=probe.conn.abort)
 
     def assemble(self, imap_steps: list[StepResult], smtp_steps: list[StepResult]) -> CheckResult:
         steps = [*imap_steps, *smtp_steps]
@@ -162,7 +164,7 @@ class Checker:
                 leg.protocol, leg.host, leg.identities,
                 run=lambda leg=leg: end(leg.protocol, leg.run()),
                 expire=lambda why, leg=leg: end(leg.protocol, leg.not_run(why)),
-                expires_at=expires_at, on_start=on_start))
+                expires_at=expires_at, on_start=on_start, abort=leg.abort))
 
     # --- one chain ---------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ SWEEP_AGE = 3600.0  # probe mails of ours older than this are removed at start
 # delivery is seen the moment it lands, yet the account's single connection is never held
 # for long (the checks of the same account queue behind it).
 IDLE_WINDOW = 5.0
+SENT_COPY_TIMEOUT = 60.0  # how long the copy in the Sent folder is looked for
 SWEEP_RETRY = 30.0  # seconds before a sweep that found its account busy tries again
 SWEEP_ATTEMPTS = 10
 
@@ -70,6 +71,7 @@ class _Pending:
     accepted_at: float = 0.0
     deadline: float = 0.0
     backoff: float = FIRST_POLL
+    sent_copy: bool = False  # remove the copy in the sender's Sent folder (not a delivery)
 
 
 def watched(inbox: Inbox) -> Inbox:
@@ -77,6 +79,14 @@ def watched(inbox: Inbox) -> Inbox:
     d = inbox.delivery
     assert d is not None
     return replace(inbox, imap=d.imap, username=d.username, password=d.password, oauth=d.oauth)
+
+
+def _logged_in(inbox: Inbox, probe: ImapProbe):
+    """The watched account's session, for a poll or the sweep (the slot is held)."""
+    probe.connect(inbox.timeout)
+    probe.login(inbox.timeout)
+    assert probe.client is not None
+    return probe.client
 
 
 class DeliveryConfirmer:
@@ -103,6 +113,16 @@ class DeliveryConfirmer:
         now = self._clock()
         p = _Pending(now + FIRST_POLL, next(self._seq), inbox, probe_id, accepted_at,
                      now + inbox.delivery.timeout)
+        with self._cond:
+            heapq.heappush(self._heap, p)
+            self._cond.notify()
+
+    def expect_sent_copy(self, inbox: Inbox, probe_id: str, accepted_at: float) -> None:
+        """A test email was accepted: remove the copy the provider files in the account's Sent
+        folder (Gmail and Microsoft 365 keep one of SMTP-submitted mail), once it appears."""
+        now = self._clock()
+        p = _Pending(now + FIRST_POLL, next(self._seq), inbox, probe_id, accepted_at,
+                     now + SENT_COPY_TIMEOUT, sent_copy=True)
         with self._cond:
             heapq.heappush(self._heap, p)
             self._cond.notify()
@@ -141,6 +161,10 @@ class DeliveryConfirmer:
             self._cond.notify()
 
     def _poll(self, p: _Pending) -> None:
+        if p.sent_copy:
+            if not self.remove_sent_copy(p.inbox, p.probe_id, final=self._clock() >= p.deadline):
+                self._again(p)
+            return
         try:
             now = self._clock()
             result = self.poll_once(p.inbox, p.probe_id, p.accepted_at, final=now >= p.deadline,
@@ -195,9 +219,7 @@ class DeliveryConfirmer:
               final: bool, idle_for: float) -> DeliveryResult | None:
         d = inbox.delivery
         assert d is not None
-        probe.connect(inbox.timeout)
-        probe.login(inbox.timeout)
-        client = probe.client
+        client = _logged_in(inbox, probe)
         junk = delivery.junk_folder(client)
         folders = [f for f in (*d.folders, junk) if f]
         hits = self._search(client, folders, probe_id)
@@ -220,6 +242,36 @@ class DeliveryConfirmer:
         return self._failed(inbox, probe_id, errors.DeliveryTimeout(
             f"not found in {', '.join(dict.fromkeys(folders))} within "
             f"{d.timeout:g}s"), Phase.COMMAND, accepted_at)
+
+    def remove_sent_copy(self, inbox: Inbox, probe_id: str, final: bool) -> bool:
+        """One attempt; True when done (removed, no Sent folder, or given up), False: the copy
+        may still come, try again later."""
+        slot = self.limits.try_acquire("imap", inbox.imap.host, {inbox.username, inbox.email})
+        if slot is None:
+            return final
+        probe = ImapProbe(inbox, self.tokens)
+        try:
+            with WATCHDOG.guard(inbox.deadline, probe.conn.abort):
+                removed = converse(probe, lambda: self._remove_sent(inbox, probe, probe_id))
+        except Exception as e:  # noqa: BLE001 - best effort: the sweep of the next start retries
+            log.warning("removing the test email's Sent copy failed",
+                        extra={"inbox": inbox.name, "error": type(e).__name__})
+            return True
+        finally:
+            self.limits.release(slot)
+        if removed is None:
+            return True  # no Sent folder: nothing to clean
+        if removed:
+            log.debug("Sent copy of the test email removed", extra={"inbox": inbox.name})
+        return removed > 0 or final
+
+    def _remove_sent(self, inbox: Inbox, probe: ImapProbe, probe_id: str) -> int | None:
+        client = _logged_in(inbox, probe)
+        sent = delivery.sent_folder(client)
+        if sent is None:
+            return None
+        return delivery.remove(client, sent, probe_id, delivery.trash_folder(client),
+                               self.probe_key)
 
     def _search(self, client, folders: list[str], probe_id: str) -> list[tuple[str, delivery.Found]]:
         out = []
@@ -268,9 +320,7 @@ class DeliveryConfirmer:
     def _sweep(self, inbox: Inbox, probe: ImapProbe) -> None:
         d = inbox.delivery
         assert d is not None
-        probe.connect(inbox.timeout)
-        probe.login(inbox.timeout)
-        client = probe.client
+        client = _logged_in(inbox, probe)
         trash = delivery.trash_folder(client)
         for folder in dict.fromkeys(f for f in (*d.folders, delivery.junk_folder(client)) if f):
             removed = delivery.remove(client, folder, None, trash, self.probe_key,

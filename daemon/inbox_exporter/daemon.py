@@ -21,10 +21,11 @@ from prometheus_client import CollectorRegistry
 from .alerts.pipeline import AlertPipeline
 from .check import Checker
 from .confirm import DeliveryConfirmer
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, Inbox, load_config
 from .deadline import WATCHDOG
 from .limits import ConnectionLimits
 from .metrics import ExporterMetrics, InboxMetrics, render_inbox
+from .model import CheckResult
 from .scheduler import Scheduler
 from .status import inbox_status
 from .oauth.tokens import TokenCache
@@ -67,8 +68,7 @@ class Exporter:
                                    auth_failure_max_interval=config.checks.auth_failure_max_interval,
                                    on_error=sentry_sdk.capture_exception,  # no-op without a DSN
                                    backoff_after=config.alerting.failure_threshold,
-                                   on_sent=lambda inbox, result: self.confirmer.expect(
-                                       inbox, result.probe_id, result.sent_at))
+                                   on_sent=self._sent)
         self.inbox_metrics = InboxMetrics(config.metrics.expose_email)
         self.alerts = AlertPipeline(config.alerting, self.metrics.alerts_sent, self._secrets)
         self.metrics.alerts_firing.set_function(lambda: len(self.alerts.transitions.firing()))
@@ -94,6 +94,14 @@ class Exporter:
         self.metrics.reload_success.set(1)
         self.metrics.reload_timestamp.set(time.time())
         release_memory()
+
+    def _sent(self, inbox: Inbox, result: CheckResult) -> None:
+        """A test email went out: confirm its delivery, and remove its Sent copy."""
+        assert result.sent_at is not None
+        if inbox.delivery is not None:
+            self.confirmer.expect(inbox, result.probe_id, result.sent_at)
+        if inbox.test_email_cleanup_sent:
+            self.confirmer.expect_sent_copy(inbox, result.probe_id, result.sent_at)
 
     def _delivered(self, inbox, result) -> None:
         if self.store.record_delivery(result, inbox) and result.step.status.value == "ok":

@@ -40,6 +40,7 @@ class Job:
     expires_at: float  # monotonic: not started by then -> expire()
     queued_at: float = 0.0
     on_start: Callable[[float], None] = lambda waited: None  # seconds spent waiting
+    abort: Callable[[], None] = lambda: None  # cut the connection (shutdown after the grace)
     server: str = field(default="", init=False)
 
 
@@ -54,6 +55,7 @@ class Runner:
         self._lock = threading.Condition()
         self._lanes: dict[str, deque[Job]] = {}
         self._running = 0
+        self._active: set[Job] = set()
         self._waiting = 0
         self._stopped = False
         self.last_tick = self._clock()
@@ -100,6 +102,14 @@ class Runner:
             job.expire("not run: the exporter is shutting down")
         with self._lock:
             done = self._lock.wait_for(lambda: self._running == 0, timeout=grace)
+            left = list(self._active)
+        if not done:
+            # The grace period is over: cut what still talks (a hanging server would otherwise
+            # keep the process alive until its step timeouts), then give them a moment to end.
+            for job in left:
+                job.abort()
+            with self._lock:
+                self._lock.wait_for(lambda: self._running == 0, timeout=2.0)
         self._thread.join(timeout=2)
         self._pool.shutdown(wait=done, cancel_futures=True)
         return done
@@ -121,6 +131,7 @@ class Runner:
             lane.remove(job)
             self._waiting -= 1
             self._running += 1
+            self._active.add(job)
             self._pool.submit(self._work, job, slot)
         if not lane:
             del self._lanes[server]
@@ -135,6 +146,7 @@ class Runner:
             self.limits.release(slot)
             with self._lock:
                 self._running -= 1
+                self._active.discard(job)
                 if not self._stopped:
                     self._dispatch(job.server)
                 self._lock.notify_all()

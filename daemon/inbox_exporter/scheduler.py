@@ -226,7 +226,7 @@ class Scheduler:
         effective = self._next_interval(inbox, state.effective_interval if state else None,
                                         result, failures)
         self.store.record(result, inbox, effective)
-        if self._on_sent and inbox.delivery is not None and result.sent_at is not None:
+        if self._on_sent and result.sent_at is not None:
             self._on_sent(inbox, result)
         if (state.effective_interval if state else None) != effective:
             self._backoff(inbox, effective)

@@ -121,7 +121,8 @@ class MailLab:
         self.users: dict[str, LabUser] = {}
         self._deny: set[str] = {"appuser"}
         self._allow_nets: dict[str, str] = {"netuser": NETUSER_ALLOW_NETS}
-        for local in ("alice", "bob", "bcc", "appuser", "netuser"):
+        # sender: its submitted mail is also filed in its Sent folder (see postfix.py)
+        for local in ("alice", "bob", "bcc", "appuser", "netuser", "sender"):
             self.users[local] = self._new_user(local, secrets.token_urlsafe(12))
         self.logs_dir = self.workdir / "logs"
         self.users_dir = self.workdir / "users"

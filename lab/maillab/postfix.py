@@ -100,6 +100,9 @@ virtual_transport = lmtp:inet:127.0.0.1:{self.lmtp_port}
 # folder named by the detail: bcc+Junk@ lands in Junk).
 recipient_delimiter = +
 lmtp_host_lookup = native
+# The lab's stand-in for Gmail and Microsoft 365 keeping a copy of SMTP-submitted mail in the
+# sender's Sent folder: mail from sender@ also goes to sender+Sent@ (Dovecot files it in Sent).
+sender_bcc_maps = inline:{{ sender@{self.domain}=sender+Sent@{self.domain} }}
 
 # no syslog here: log to a file through the postlog service (master.cf)
 maillog_file = {self.log_path}

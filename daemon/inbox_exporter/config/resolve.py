@@ -87,6 +87,7 @@ class Inbox:
     test_email_to: str | None
     test_email_subject: str
     test_email_interval: float = 3600.0  # at least `interval`
+    test_email_cleanup_sent: bool = True
     delivery: Delivery | None = None
     oauth: OAuth2 | None = None
 
@@ -163,10 +164,11 @@ def _inbox(raw: InboxModel, model: ConfigModel, source: str, environ: Mapping[st
         where_key = "deadline" if raw.deadline is not None or defaults.deadline is None else "interval"
         raise fail(where_key, f"the deadline ({deadline:g}s) must not exceed the interval "
                               f"({interval:g}s): checks would overlap")
-    if password is not None and not pick("allow_plaintext_login", False):
+    if not pick("allow_plaintext_login", False):  # a password or an OAuth token: a secret
         for protocol, ep in (("imap", imap), ("smtp", smtp)):
             if ep.security == "none":
-                raise fail(f"{protocol}.security", PLAINTEXT)
+                raise fail(f"{protocol}.security", PLAINTEXT if password is not None else
+                           PLAINTEXT.replace("the password", "the access token"))
     test_email: TestEmailModel | None = pick("test_email", None)
     delivery = _delivery(pick("delivery", None), raw, imap, password, oauth, environ,
                          f"{where}.delivery", source)
@@ -197,6 +199,7 @@ def _inbox(raw: InboxModel, model: ConfigModel, source: str, environ: Mapping[st
         test_email_to=test_email.to if test_email else None,
         test_email_subject=(test_email.subject if test_email
                             else TestEmailModel.model_fields["subject"].default),
+        test_email_cleanup_sent=test_email.cleanup_sent if test_email else True,
         test_email_interval=max(interval, test_email.interval if test_email
                                 else TestEmailModel.model_fields["interval"].default),
         delivery=delivery,

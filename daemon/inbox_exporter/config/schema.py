@@ -145,6 +145,8 @@ class TestEmailModel(_Strict):
     # connect and login are verified at every check; sending at every one would be 1,440 mails
     # a day per inbox at 60s, past consumer sending limits.
     interval: Duration = DEFAULT_TEST_EMAIL_INTERVAL
+    # Remove the provider's copy in the account's Sent folder (only-ours rules, as cleanup).
+    cleanup_sent: bool = True
 
 
 class AuthModel(_Strict):

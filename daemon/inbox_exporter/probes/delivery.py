@@ -28,6 +28,7 @@ from .smtp import PROBE_HEADER
 # Folder names providers use when SPECIAL-USE (RFC 6154) is not offered.
 JUNK_NAMES = ("Junk", "Spam", "Junk E-mail", "Junk Email", "[Gmail]/Spam", "Bulk Mail", "INBOX.Junk",
               "INBOX.Spam")
+SENT_NAMES = ("Sent", "Sent Items", "Sent Messages", "Sent Mail", "[Gmail]/Sent Mail", "INBOX.Sent")
 TRASH_NAMES = ("Trash", "Deleted Items", "Deleted Messages", "[Gmail]/Trash", "INBOX.Trash")
 _HEADERS = f"BODY.PEEK[HEADER.FIELDS ({PROBE_HEADER} MESSAGE-ID RECEIVED)]"
 
@@ -61,6 +62,10 @@ def _special(client: IMAPClient, flag: bytes, names: tuple[str, ...]) -> str | N
 
 def junk_folder(client: IMAPClient) -> str | None:
     return _special(client, b"\\Junk", JUNK_NAMES)
+
+
+def sent_folder(client: IMAPClient) -> str | None:
+    return _special(client, b"\\Sent", SENT_NAMES)
 
 
 def trash_folder(client: IMAPClient) -> str | None:

@@ -96,6 +96,9 @@ class ImapProbe(Probe):
             if b"AUTH=PLAIN" not in caps:
                 raise errors.AuthUnavailable("LOGINDISABLED and no AUTH=PLAIN offered")
             client.plain_login(username, password)
+        elif not (username + password).isascii() and b"AUTH=PLAIN" in caps:
+            # LOGIN's arguments are ASCII in imaplib; SASL PLAIN carries UTF-8 (RFC 4616).
+            client.plain_login(username, password)
         else:
             client.login(username, password)
 

@@ -114,9 +114,15 @@ def resolve(host: str, port: int, timeout: float) -> list:
                                    "are pending (the resolver is not answering)")
             future = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
             entry = _pending[key] = [future, 0]
-            future.add_done_callback(lambda f: _forget(key, f))
+            new = True
+        else:
+            new = False
         entry[1] += 1
         future = entry[0]
+    if new:
+        # Outside the lock: a lookup that has already ended runs the callback right here,
+        # and _forget takes the lock.
+        future.add_done_callback(lambda f: _forget(key, f))
     try:
         return future.result(timeout=timeout)
     except (FutureTimeout, CancelledError):
