@@ -48,7 +48,8 @@ SWEEP_AGE = 3600.0  # probe mails of ours older than this are removed at start
 # delivery is seen the moment it lands, yet the account's single connection is never held
 # for long (the checks of the same account queue behind it).
 IDLE_WINDOW = 5.0
-SENT_COPY_TIMEOUT = 60.0  # how long the copy in the Sent folder is looked for
+SENT_COPY_FIRST = 2.0  # the copy in the Sent folder is looked for this long after sending...
+SENT_COPY_TIMEOUT = 10.0  # ...and once more at this point, the last
 SWEEP_RETRY = 30.0  # seconds before a sweep that found its account busy tries again
 SWEEP_ATTEMPTS = 10
 
@@ -121,8 +122,10 @@ class DeliveryConfirmer:
         """A test email was accepted: remove the copy the provider files in the account's Sent
         folder (Gmail and Microsoft 365 keep one of SMTP-submitted mail), once it appears."""
         now = self._clock()
-        p = _Pending(now + FIRST_POLL, next(self._seq), inbox, probe_id, accepted_at,
-                     now + SENT_COPY_TIMEOUT, sent_copy=True)
+        # Two looks, not a poll: providers file the copy while accepting the mail, and every
+        # look is a login on the account.
+        p = _Pending(now + SENT_COPY_FIRST, next(self._seq), inbox, probe_id, accepted_at,
+                     now + SENT_COPY_TIMEOUT, backoff=SENT_COPY_TIMEOUT, sent_copy=True)
         with self._cond:
             heapq.heappush(self._heap, p)
             self._cond.notify()

@@ -174,6 +174,12 @@ class Exporter:
         chunks = render_inbox(state, self.inbox_metrics.expose_email)
         return "".join(chunks.values())
 
+    def load(self) -> dict:
+        """How busy the exporter is (status page and API): saturation is visible, never a
+        reason to be unhealthy."""
+        return {"connections_active": self.runner.running,
+                "connections_waiting": self.runner.waiting}
+
     def healthy(self) -> bool:
         """Alive, not idle: answered from state, never queued behind checks."""
         return self.scheduler.alive()

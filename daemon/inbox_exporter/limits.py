@@ -61,11 +61,12 @@ class ConnectionLimits:
         host = host.lower().rstrip(".")
         return frozenset((protocol, host, i.lower()) for i in identities)
 
-    def try_acquire(self, protocol: str, host: str, identities: Iterable[str],
-                    server: str | None = None) -> Slot | None:
-        """A slot now, or None (never waits). `server` is `server_key(host)` when known."""
-        server = server or self.server_key(host)
-        accounts = self.accounts(protocol, host, identities)
+    def try_acquire(self, protocol: str, host: str, identities: Iterable[str]) -> Slot | None:
+        """A slot now, or None (never waits)."""
+        return self.try_take(self.accounts(protocol, host, identities), self.server_key(host))
+
+    def try_take(self, accounts: frozenset, server: str) -> Slot | None:
+        """try_acquire with the keys made once (the runner retries a queued job often)."""
         with self._cond:
             return self._take(accounts, server)
 

@@ -42,6 +42,7 @@ class Job:
     on_start: Callable[[float], None] = lambda waited: None  # seconds spent waiting
     abort: Callable[[], None] = lambda: None  # cut the connection (shutdown after the grace)
     server: str = field(default="", init=False)
+    accounts: frozenset = field(default=frozenset(), init=False)
 
 
 class Runner:
@@ -66,6 +67,7 @@ class Runner:
 
     def submit(self, job: Job) -> None:
         job.server = self.limits.server_key(job.host)
+        job.accounts = self.limits.accounts(job.protocol, job.host, job.identities)
         job.queued_at = self._clock()
         with self._lock:
             if self._stopped:
@@ -122,12 +124,15 @@ class Runner:
         lane = self._lanes.get(server)
         if not lane:
             return
-        for job in list(lane):
-            slot = self.limits.try_acquire(job.protocol, server, job.identities)
+        started = []
+        for job in lane:
+            if not self.limits.has_room(server):
+                break  # the server is at its cap: nothing else of this lane can start
+            slot = self.limits.try_take(job.accounts, server)
             if slot is None:
-                if not self.limits.has_room(server):
-                    break  # the server is at its cap: nothing else of this lane can start
-                continue
+                continue  # its account is busy: the next job may still start
+            started.append((job, slot))
+        for job, slot in started:
             lane.remove(job)
             self._waiting -= 1
             self._running += 1

@@ -75,10 +75,21 @@ def _summary(result) -> dict:
             "reason": first.diagnosis.reason.value if first else None}
 
 
-def render_json(statuses: list[dict]) -> str:
+def render_json(statuses: list[dict], load: dict | None = None) -> str:
     failing = sum(1 for s in statuses if s["state"] == "failing")
     return json.dumps({"generated_at": _iso(time.time()), "inboxes_total": len(statuses),
-                       "inboxes_failing": failing, "inboxes": statuses}, indent=2)
+                       "inboxes_failing": failing, "load": load, "inboxes": statuses}, indent=2)
+
+
+def _load_line(load: dict | None) -> str:
+    """Saturation, where the operator looks first: connections open and waiting for a slot."""
+    if not load:
+        return ""
+    text = f"{load['connections_active']} connections open"
+    if load["connections_waiting"]:
+        text += (f", <strong>{load['connections_waiting']} waiting for a slot</strong> (a slow "
+                 "or hanging server, or more inboxes than its connection cap allows)")
+    return f" · {text}"
 
 
 _CSS = """
@@ -120,7 +131,7 @@ def _latency(step: dict) -> str:
 _RANK = {"failing": "0", "pending": "1", "ok": "2"}
 
 
-def render_html(statuses: list[dict]) -> str:
+def render_html(statuses: list[dict], load: dict | None = None) -> str:
     e = html.escape
     failing = sum(1 for s in statuses if s["state"] == "failing")
     rows = []
@@ -151,7 +162,7 @@ def render_html(statuses: list[dict]) -> str:
         "<meta http-equiv=refresh content=30><title>inbox-exporter</title>"
         f"<style>{_CSS}</style></head><body><h1>Connected inboxes</h1>"
         f"<p class=summary id=summary>{len(statuses) - failing} of {len(statuses)} OK"
-        f"{f', {failing} failing' if failing else ''} · "
+        f"{f', {failing} failing' if failing else ''}{_load_line(load)} · "
         "<a href=/metrics>metrics</a> · <a href=/api/v1/status>JSON</a></p>"
         f"<table id=inboxes><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
         f"<script>{_JS}</script></body></html>")

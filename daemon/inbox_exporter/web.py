@@ -31,9 +31,11 @@ class _Handler(BaseHTTPRequestHandler):
             ok = exporter.ready()
             self._send(200 if ok else 503, "Ready\n" if ok else "No configuration loaded\n")
         elif url.path == "/api/v1/status":
-            self._send(200, status.render_json(exporter.statuses()), "application/json")
+            self._send(200, status.render_json(exporter.statuses(), exporter.load()),
+                       "application/json")
         elif url.path == "/":
-            self._send(200, status.render_html(exporter.statuses()), "text/html; charset=utf-8")
+            self._send(200, status.render_html(exporter.statuses(), exporter.load()),
+                       "text/html; charset=utf-8")
         elif url.path == "/probe":
             name = parse_qs(url.query).get("inbox", [""])[0]
             if not name:
