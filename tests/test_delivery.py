@@ -307,3 +307,29 @@ def test_the_copy_in_the_senders_sent_folder_is_removed_and_nothing_else(lab, la
     with login(lab, "sender") as client:
         assert snapshot(client, "Sent") == before
     assert not [m for m in lab.messages("sender") if result.probe_id in m.get(PROBE_HEADER, "")]
+
+
+def test_a_trickling_watched_server_cannot_hold_a_delivery_poll_or_the_sweep(lab_inbox):
+    """Bounded by the watchdog like the steps: a server that sends one byte at a time, never
+    finishing its greeting, ends the poll within the inbox's deadline."""
+    from inbox_exporter.confirm import DeliveryConfirmer
+    from inbox_exporter.limits import ConnectionLimits
+
+    from .fakeserver import FakeServer, Trickle
+
+    with FakeServer([(None, Trickle("* OK " + "x" * 500 + "\r\n", every=0.2))]) as server:
+        inbox = lab_inbox(timeout="1s", deadline="2s", delivery={"timeout": "10s", "mailbox": {
+            "host": "127.0.0.1", "port": server.port, "security": "none", "username": "u",
+            "password": "p"}}, allow_plaintext_login=True)
+        confirmer = DeliveryConfirmer(ConnectionLimits(), on_result=lambda *a: None, probe_key=KEY)
+        try:
+            t0 = time.monotonic()
+            result = confirmer.poll_once(inbox, KEY.new_id(), time.time(), final=True)
+            poll = time.monotonic() - t0
+            t0 = time.monotonic()
+            confirmer.sweep_now(inbox)
+            sweep = time.monotonic() - t0
+        finally:
+            confirmer.stop()
+    assert result.step.status.value == "failed"
+    assert poll < 3.5 and sweep < 3.5, (poll, sweep)  # deadline 2 s + the watchdog's poll
