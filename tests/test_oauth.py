@@ -412,3 +412,28 @@ def test_no_token_is_in_an_exception_a_failed_oauth_login_raised(lab, tmp_path, 
         text = "".join(traceback.format_exception(exc)) + repr(exc)
         for token in held:
             assert token not in text and base64.b64encode(token.encode()).decode() not in text
+
+
+def test_a_hanging_token_endpoint_is_asked_once_not_by_every_check(lab, tmp_path):
+    """An identity provider that black-holes requests must not hold the check workers: after
+    one timed-out request the endpoint is not asked again for a while (checks fail at once),
+    then one request probes it."""
+    rt = refresh_file(tmp_path, lab.oauth.refresh_token_for("alice"))
+    entry = {**oauth_entry(lab, "m365", rt_file=rt), "timeout": "2s"}
+    environ = {CLIENT_SECRET_ENV: lab.oauth.clients["exporter"].client_secret}
+    inbox = parse_config(config_text(lab, [entry]), "t.yaml", environ).inboxes[0]
+    offset = [0.0]
+    tokens = TokenCache(clock=lambda: time.monotonic() + offset[0])
+    checker = Checker(tokens=tokens)
+    with lab.blackhole(port=lab.ports.oidc):
+        first = checker.check(inbox)
+        t0 = time.monotonic()
+        second = checker.check(inbox)
+        fast = time.monotonic() - t0
+    for result in (first, second):
+        assert {r for _, r in failures(result).values()} == {Reason.OAUTH_TOKEN_ENDPOINT_UNAVAILABLE}
+    assert tokens.requests == 1  # the first check's IMAP leg; its SMTP leg and the next failed at once
+    assert fast < 1.0 and "not asked again" in second.step(Step.IMAP_LOGIN).diagnosis.detail
+    offset[0] += 31  # the back-off is over: one request probes the endpoint, which is back
+    assert_all_ok(checker.check(inbox))
+    assert tokens.requests == 2

@@ -77,7 +77,6 @@ class Scheduler:
         # not put back the job of an inbox a reload has just replaced).
         self._lock = threading.RLock()
         self._busy: set[str] = set()  # inboxes with a check queued or running
-        self._idle = threading.Condition(self._lock)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -208,9 +207,8 @@ class Scheduler:
                     self._on_error(e)
             finally:
                 self.metrics.in_flight.dec()
-                with self._idle:
+                with self._lock:
                     self._busy.discard(inbox.name)
-                    self._idle.notify_all()
                 if on_done is not None:
                     on_done(result)
 

@@ -166,16 +166,21 @@ class AuthModel(_Strict):
     mechanism: Literal["xoauth2", "oauthbearer"] | None = None  # default: xoauth2
 
 
-class DeliveryAccountModel(_Strict):
+class _PasswordSource(_Strict):
+    """Where a password comes from: exactly one of these (resolve.py checks and reads it)."""
+
+    password_env: str | None = None
+    password_file: str | None = None
+    password: SecretStr | None = None
+
+
+class DeliveryAccountModel(_PasswordSource):
     """An IMAP account of its own to watch (e.g. the CRM's BCC mailbox)."""
 
     host: str
     port: Port | None = None
     security: Security | None = None
     username: str
-    password_env: str | None = None
-    password_file: str | None = None
-    password: SecretStr | None = None
 
 
 class DeliveryModel(_Strict):
@@ -206,13 +211,10 @@ class DefaultsModel(_Overridable):
     pass
 
 
-class InboxModel(_Overridable):
+class InboxModel(_Overridable, _PasswordSource):
     name: Annotated[str, BeforeValidator(_name)]
     email: Email
     username: str | None = None
-    password_env: str | None = None
-    password_file: str | None = None
-    password: SecretStr | None = None
     provider: str | None = None
     imap: ServerModel = ServerModel()
     smtp: ServerModel = ServerModel()

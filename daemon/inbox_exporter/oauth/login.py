@@ -21,7 +21,8 @@ from authlib.integrations.base_client import OAuthError
 from authlib.integrations.httpx_client import OAuth2Client
 
 from ..config import Inbox
-from .tokens import tls_context, write_secret_file
+from ..probes.transport import context_for
+from .tokens import write_secret_file
 
 CALLBACK_PATH = "/callback"
 _PAGE = (b"<!doctype html><meta charset=utf-8><title>inbox-exporter</title>"
@@ -87,7 +88,7 @@ def login(inbox: Inbox, *, say: Callable[[str], None] = print, timeout: float = 
     client = OAuth2Client(client_id=oauth.client_id, client_secret=secret, scope=oauth.scope,
                           redirect_uri=redirect_uri, code_challenge_method="S256",
                           token_endpoint_auth_method="client_secret_basic" if secret else "none",
-                          timeout=httpx.Timeout(30.0), verify=tls_context(oauth.ca_file))
+                          timeout=httpx.Timeout(30.0), verify=context_for(oauth.ca_file, False))
     try:
         params = dict(oauth.authorize_params)
         if "offline_access" in (oauth.scope or "").split():

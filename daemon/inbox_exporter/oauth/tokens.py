@@ -10,7 +10,6 @@ checks of one account share one request. Token requests are bounded by the calle
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import ssl
@@ -26,9 +25,16 @@ from authlib.integrations.httpx_client import OAuth2Client
 
 from .. import errors
 from ..config import OAuth2
+from ..probes.transport import context_for
 
 log = logging.getLogger(__name__)
 
+# A hanging identity provider must not tie up the check workers: after a token request failed
+# with the endpoint unavailable, requests to that endpoint fail at once for this long (one
+# caller then probes it), and a check waits for another check's request of the same account at
+# most LOCK_WAIT seconds.
+ENDPOINT_BACKOFF = 30.0
+LOCK_WAIT = 3.0
 REFRESH_MARGIN = 300.0  # refresh at most this long before expiry...
 REFRESH_FRACTION = 0.25  # ...or when a quarter of the lifetime is left, if that is sooner
 DEFAULT_LIFETIME = 3600.0  # when the server does not say (expires_in is RECOMMENDED only)
@@ -56,6 +62,15 @@ class AccessToken:
 
 
 @dataclass
+class _Endpoint:
+    """A token endpoint's recent failure: while `open_until` is ahead, nobody asks it."""
+
+    open_until: float = 0.0
+    probing: bool = False
+    error: str = ""
+
+
+@dataclass
 class _Account:
     lock: threading.Lock = field(default_factory=threading.Lock)
     access_token: str | None = None
@@ -63,15 +78,6 @@ class _Account:
     configured_refresh: str | None = None  # the refresh token the config gave when last seen
     refresh_token: str | None = None  # the one to use (rotated ones replace it)
     warned_unwritable: bool = False
-
-
-@functools.lru_cache(maxsize=16)
-def tls_context(ca_file: str | None) -> ssl.SSLContext:
-    """The system store, plus the inbox's ca_file (a private identity provider's CA)."""
-    ctx = ssl.create_default_context()
-    if ca_file:
-        ctx.load_verify_locations(cafile=ca_file)
-    return ctx
 
 
 class TokenCache:
@@ -86,6 +92,7 @@ class TokenCache:
         self._transport = transport
         self._on_request = on_request  # one call per round trip, with its OUTCOMES value
         self._accounts: dict[tuple[str, ...], _Account] = {}
+        self._endpoints: dict[str, _Endpoint] = {}
         self._guard = threading.Lock()
         self.requests = 0  # token endpoint round trips, for the benchmark and tests
 
@@ -100,15 +107,17 @@ class TokenCache:
         """A valid access token, from the cache or fetched within `timeout` seconds."""
         account = self._account(oauth)
         t0 = self._clock()
-        if not account.lock.acquire(timeout=max(timeout, 0.0)):
+        wait = max(0.0, min(timeout, LOCK_WAIT))
+        if not account.lock.acquire(timeout=wait):
             raise errors.OAuthEndpointUnavailable(
-                f"another check's token request for this account took longer than {timeout:g}s")
+                f"another check's token request for this account took longer than {wait:g}s")
         try:
             if account.access_token and self._clock() < account.renew_at:
                 return AccessToken(account.access_token, fresh=False)
             left = timeout - (self._clock() - t0)
             if left <= 0:
                 raise errors.OAuthEndpointUnavailable("no time left for the token request")
+            self._admit(oauth.token_url)
             token = self._fetch(oauth, account, left)
             lifetime = _lifetime(token)
             account.access_token = token["access_token"]
@@ -149,13 +158,38 @@ class TokenCache:
                 "no refresh token: run `inbox-exporter oauth login` for this inbox")
         return account.refresh_token
 
+    def _admit(self, url: str) -> None:
+        """Fail at once while the endpoint is known to be down; let one caller probe it."""
+        with self._guard:
+            ep = self._endpoints.setdefault(url, _Endpoint())
+            if not ep.open_until:
+                return
+            if self._clock() < ep.open_until or ep.probing:
+                raise errors.OAuthEndpointUnavailable(
+                    f"{ep.error} (not asked again until {ENDPOINT_BACKOFF:g}s after the failure)")
+            ep.probing = True
+
+    def _settle(self, url: str, error: errors.OAuthTokenError | None) -> None:
+        with self._guard:
+            ep = self._endpoints.setdefault(url, _Endpoint())
+            ep.probing = False
+            if isinstance(error, errors.OAuthEndpointUnavailable):
+                ep.open_until, ep.error = self._clock() + ENDPOINT_BACKOFF, str(error)
+            else:  # it answered (a token, or a verdict on the grant or client): it is up
+                ep.open_until, ep.error = 0.0, ""
+
     def _fetch(self, oauth: OAuth2, account: _Account, timeout: float) -> dict:
         self.requests += 1
         try:
             token = self._request(oauth, account, timeout)
         except errors.OAuthTokenError as e:
+            self._settle(oauth.token_url, e)
             self._on_request(_OUTCOME.get(type(e), "unavailable"))
             raise
+        except BaseException:  # our bug: never leave the endpoint "probing" for ever
+            self._settle(oauth.token_url, None)
+            raise
+        self._settle(oauth.token_url, None)
         self._on_request("ok")
         return token
 
@@ -166,7 +200,7 @@ class TokenCache:
             client = OAuth2Client(
                 client_id=oauth.client_id, client_secret=secret, scope=oauth.scope,
                 token_endpoint_auth_method="client_secret_basic" if secret else "none",
-                timeout=httpx.Timeout(timeout), verify=tls_context(oauth.ca_file),
+                timeout=httpx.Timeout(timeout), verify=context_for(oauth.ca_file, False),
                 transport=self._transport)
         except (OSError, ssl.SSLError) as e:
             raise errors.OAuthEndpointUnavailable(f"cannot use ca_file: {e}") from e
