@@ -87,7 +87,8 @@ def first_checks(url: str, names: list[str], timeout: float = 30) -> list[dict]:
         except OSError:
             time.sleep(0.2)
     for name in names:
-        urllib.request.urlopen(f"{url}/probe?inbox={name}", timeout=timeout).read()
+        request = urllib.request.Request(f"{url}/probe?inbox={name}", method="POST")
+        urllib.request.urlopen(request, timeout=timeout).read()
     return json.load(urllib.request.urlopen(url + "/api/v1/status", timeout=5))["inboxes"]
 
 
@@ -105,7 +106,8 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         daemon = subprocess.Popen(
             [sys.executable, "-m", "inbox_exporter", "run", "--config.file", str(path),
-             "--web.listen-address", f"127.0.0.1:{port}"], env={**os.environ, **env})
+             "--web.listen-address", f"127.0.0.1:{port}", "--web.enable-probe",
+             "--web.enable-lifecycle"], env={**os.environ, **env})
         try:
             print(f"\nMail lab: Dovecot + Postfix on {lab.host}; config: {path}")
             print(f"Status page: {url}/\nMetrics:     {url}/metrics\nStatus JSON: {url}/api/v1/status\n")

@@ -61,6 +61,19 @@ def lab_entry(lab, name: str, user: str = "alice", **extra) -> dict:
     return entry
 
 
+def check_now(exporter, name: str, timeout: float = 60.0):
+    """Run a check of one inbox through the scheduler (as a scheduled one would run) and wait
+    for its recorded result: no on-demand policy in the way."""
+    import threading
+
+    done, got = threading.Event(), []
+    inbox = exporter.scheduler.inboxes()[name]
+    assert exporter.scheduler.submit_on_demand(inbox, lambda r: (got.append(r), done.set())), \
+        f"{name}: a check is already queued or running"
+    assert done.wait(timeout), f"{name}: no result within {timeout}s"
+    return got[0]
+
+
 def wait_until(predicate, timeout: float = 10.0, what: str = "a condition"):
     """Poll `predicate` until it returns something true; fail naming `what` at the deadline."""
     import time

@@ -20,9 +20,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from inbox_exporter.daemon import Exporter
-from inbox_exporter.web import WebServer
+from inbox_exporter.web import WebOptions, WebServer
 
-from .conftest import PASSWORD, env_name, lab_entry, write_config
+from .conftest import PASSWORD, check_now, env_name, lab_entry, write_config
 
 ROOT = Path(__file__).parent.parent
 
@@ -41,6 +41,12 @@ class Running:
 
     def get(self, path: str) -> str:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.read().decode()
+
+    def probe(self, name: str) -> str:
+        """POST /probe?inbox=NAME: an on-demand check; its metrics (HTTPError if refused)."""
+        req = urllib.request.Request(f"{self.url}/probe?inbox={name}", method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
             return r.read().decode()
 
     def post(self, path: str) -> tuple[int, str]:
@@ -72,11 +78,13 @@ def daemon(tmp_path, lab):
     started: list[Running] = []
 
     def start(entries: list[dict], passwords: dict[str, str] | None = None, **top) -> Running:
+        top.setdefault("web", {"probe_min_interval": "1ms"})  # tests check an inbox many times
         config = write_config(tmp_path, lab, entries, **top)
         env = {env_name(e["name"]): lab.users["alice"].password for e in entries}
         env.update({env_name(k): v for k, v in (passwords or {}).items()})
         exporter = Exporter(str(config), environ=env)
-        server = WebServer(("127.0.0.1", 0), exporter)
+        server = WebServer(("127.0.0.1", 0), exporter,
+                           WebOptions(enable_probe=True, enable_lifecycle=True))
         exporter.start()
         server.start()
         started.append(Running(exporter, server, config, env))
@@ -135,7 +143,7 @@ def test_metrics_tell_each_scenario_apart_and_pass_promtool(daemon, lab):
         passwords[name] = password
     running = daemon(entries, passwords)
     for name in SCENARIOS:
-        running.get(f"/probe?inbox={name}")
+        running.probe(f"{name}")
 
     failures = running.samples("inbox_failure_info")
     for name, (_, expected) in SCENARIOS.items():
@@ -200,7 +208,7 @@ def test_scheduled_checks_run_on_their_interval(daemon, lab):
 def test_reload_adds_removes_and_changes_inboxes_and_a_bad_one_keeps_the_old_config(daemon, lab):
     running = daemon([{**lab_entry(lab, "a"), "interval": "1h"},
                       {**lab_entry(lab, "b"), "interval": "1h"}])
-    running.get("/probe?inbox=a")
+    running.probe("a")
     assert running.value("inbox_check_success", inbox="a") == 1
 
     write_config(running.config.parent, lab, [{**lab_entry(lab, "b"), "interval": "2h"},
@@ -218,7 +226,7 @@ def test_reload_adds_removes_and_changes_inboxes_and_a_bad_one_keeps_the_old_con
     assert body.count("\n") == 1
     assert running.value("inbox_exporter_config_last_reload_successful") == 0
     assert {dict(k)["inbox"] for k in running.samples("inbox_info")} == {"b", "c"}
-    running.get("/probe?inbox=c")  # checks keep running on the old config
+    running.probe("c")  # checks keep running on the old config
     assert running.value("inbox_check_success", inbox="c") == 1
 
 
@@ -230,13 +238,13 @@ def test_credential_failures_back_off_and_a_success_restores_the_interval(daemon
                      checks={"auth_failure_max_interval": "3h"})
     lab.set_password("backoff", "rotated-password")
     intervals = []
-    for _ in range(4):
-        running.get("/probe?inbox=locked")
+    for _ in range(4):  # not POST /probe: that is refused while the inbox backs off
+        check_now(running.exporter, "locked")
         intervals.append(running.value("inbox_check_interval_seconds", inbox="locked"))
     # the pace holds until the alert threshold (2 failures), then doubles, capped
     assert intervals == [3600, 7200, 10800, 10800]
     lab.set_password("backoff", "right-password")
-    running.get("/probe?inbox=locked")
+    check_now(running.exporter, "locked")
     assert running.value("inbox_check_interval_seconds", inbox="locked") == 3600
     assert user.address.startswith("backoff@")
 
@@ -247,7 +255,7 @@ def test_inboxes_sharing_an_account_never_make_the_server_refuse_a_connection(da
     entries = [{**lab_entry(lab, f"shared{i}", imap={"port": lab.ports.imaps_limited}),
                 "interval": "1h"} for i in range(10)]
     running = daemon(entries)
-    threads = [threading.Thread(target=running.get, args=(f"/probe?inbox=shared{i}",))
+    threads = [threading.Thread(target=running.probe, args=(f"shared{i}",))
                for i in range(10)]
     for t in threads:
         t.start()
@@ -262,8 +270,8 @@ def test_health_readiness_and_the_status_api(daemon, lab):
                       {**lab_entry(lab, "bad"), "interval": "1h"}], {"bad": PASSWORD})
     assert running.get("/-/healthy").strip() == "Healthy"
     assert running.get("/-/ready").strip() == "Ready"
-    running.get("/probe?inbox=good")
-    running.get("/probe?inbox=bad")
+    running.probe("good")
+    running.probe("bad")
     body = running.get("/api/v1/status")
     doc = json.loads(body)
     by_name = {i["name"]: i for i in doc["inboxes"]}
@@ -275,7 +283,7 @@ def test_health_readiness_and_the_status_api(daemon, lab):
     assert by_name["bad"]["history"][0]["reason"] == "auth_failed"
     assert PASSWORD not in body and PASSWORD not in running.get("/")
     with pytest.raises(urllib.error.HTTPError) as e:
-        running.get("/probe?inbox=nope")
+        running.probe("nope")
     assert e.value.code == 404
 
 
@@ -372,7 +380,7 @@ def test_the_status_page_shows_a_person_each_failure_and_its_hint(daemon, lab, t
                       {**lab_entry(lab, "closed", imap={"port": 1}), "interval": "1h"}],
                      {"bad": PASSWORD})
     for name in ("good", "bad", "closed"):
-        running.get(f"/probe?inbox={name}")
+        running.probe(f"{name}")
     dom = chromium("--virtual-time-budget=2000", "--dump-dom", running.url + "/")
     assert dom.returncode == 0, dom.stderr
     html = dom.stdout
@@ -436,7 +444,7 @@ def test_the_readme_demo_starts_and_shows_healthy_and_broken_inboxes():
 
 def test_every_exported_metric_is_documented(daemon, lab):
     running = daemon([{**lab_entry(lab, "doc"), "interval": "1h"}])
-    running.get("/probe?inbox=doc")
+    running.probe("doc")
     docs = (ROOT / "docs" / "metrics.md").read_text()
     names = {f.name for f in text_string_to_metric_families(running.get("/metrics"))}
     assert len(names) > 20
@@ -497,7 +505,7 @@ def test_delivery_is_confirmed_off_the_check_and_kept_apart_from_send_failures(d
     ], {"unsent": "wrong-password"})
     t0 = time.monotonic()
     for name in ("arrives", "lost", "unsent"):
-        running.get(f"/probe?inbox={name}")
+        running.probe(f"{name}")
     assert time.monotonic() - t0 < 5  # the checks did not wait for the deliveries
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (

@@ -19,7 +19,7 @@ from inbox_exporter.model import Category, CheckResult, Diagnosis, Reason, Statu
 from inbox_exporter.probes import transport
 from inbox_exporter.web import WebServer
 
-from .conftest import env_name, lab_entry, wait_until, write_config
+from .conftest import check_now, env_name, lab_entry, wait_until, write_config
 
 HANGING_HOST = "127.0.0.2"  # another loopback address: a server of its own for the caps
 
@@ -154,8 +154,8 @@ def test_the_test_email_goes_out_once_per_test_email_interval(lab, exporter_for,
     entry = lab_entry(lab, "budget", interval="10m")  # scheduled run far away: on demand only
     exporter, url = exporter_for([entry], {env_name("budget"): lab.users["alice"].password})
     inbox = exporter.config.inboxes[0]
-    first = exporter.scheduler.run_now(inbox)
-    second = exporter.scheduler.run_now(inbox)
+    first = check_now(exporter, inbox.name)
+    second = check_now(exporter, inbox.name)
     assert first.step(Step.TEST_EMAIL).status is Status.OK
     held = second.step(Step.TEST_EMAIL)
     assert held.status is Status.SKIPPED and held.note.startswith("not due: last sent at")
@@ -261,7 +261,7 @@ def _try(host: str) -> str:
 def test_the_daemon_removes_the_sent_copy_of_its_test_email(lab, exporter_for):
     entry = lab_entry(lab, "with-sent-copy", "sender", interval="10m")
     exporter, _ = exporter_for([entry], {env_name("with-sent-copy"): lab.users["sender"].password})
-    result = exporter.scheduler.run_now(exporter.config.inboxes[0])
+    result = check_now(exporter, exporter.config.inboxes[0].name)
     assert result.ok and result.sent_at
 
     def copies():

@@ -25,7 +25,7 @@ from inbox_exporter.model import Category, Reason, Status, Step
 from inbox_exporter.oauth import sasl
 from inbox_exporter.oauth.tokens import REFRESH_FRACTION, REFRESH_MARGIN, TokenCache
 
-from .conftest import wait_until
+from .conftest import check_now, wait_until
 from .fakeserver import IMAP_GREETING, SMTP_GREETING, FakeServer
 
 ROOT = Path(__file__).parent.parent
@@ -378,7 +378,7 @@ def test_the_daemon_exports_token_requests_and_the_login_method(lab, tmp_path):
     try:
         inbox = exporter.config.inboxes[0]
         for _ in range(2):
-            exporter.scheduler.run_now(inbox)
+            check_now(exporter, inbox.name)
         body = b"".join(exporter.render_metrics()).decode()
     finally:
         exporter.stop(5)

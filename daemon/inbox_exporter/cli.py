@@ -63,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--web.listen-address", dest="listen", default=DEFAULT_LISTEN,
                      metavar="ADDR", help="address for /metrics and the status page "
                                           "(default: %(default)s)")
+    run.add_argument("--web.config.file", dest="web_config_file", default=None, metavar="FILE",
+                     help="exporter-toolkit web config: TLS, basic auth, headers, rate limit "
+                          "(see README, 'Securing the endpoints')")
+    run.add_argument("--web.enable-lifecycle", dest="enable_lifecycle", action="store_true",
+                     help="serve POST /-/reload and /-/quit (off: they answer 403; SIGHUP "
+                          "reloads)")
+    run.add_argument("--web.enable-probe", dest="enable_probe", action="store_true",
+                     help="serve POST /probe?inbox=NAME, an on-demand check (at most one per "
+                          "inbox per web.probe_min_interval)")
     run.add_argument("--shutdown.grace-period", dest="grace", default="20s", metavar="DURATION",
                      help="on SIGTERM, how long checks in flight may finish (default: %(default)s)")
     run.add_argument("--shard.count", dest="shard_count", type=int, default=1, metavar="N",
@@ -79,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from .run import run
 
-        return run(args.config_file, args.listen, args.grace, args.shard_count, args.shard_index)
+        from .web import WebOptions
+
+        web = WebOptions(enable_probe=args.enable_probe, enable_lifecycle=args.enable_lifecycle,
+                         config_file=args.web_config_file)
+        return run(args.config_file, args.listen, args.grace, args.shard_count, args.shard_index,
+                   web)
     if args.command == "oauth":
         return _oauth_login(args)
     try:

@@ -24,8 +24,10 @@ from .confirm import DeliveryConfirmer
 from .config import Config, ConfigError, Inbox, load_config
 from .deadline import WATCHDOG
 from .limits import ConnectionLimits
-from .metrics import ExporterMetrics, InboxMetrics, render_inbox
+from .exposition import InboxExposition, deflate, gzip_member
+from .metrics import ExporterMetrics, render_inbox
 from .model import CheckResult
+from .ondemand import OnDemand
 from .scheduler import Scheduler
 from .status import inbox_status
 from .oauth.tokens import TokenCache
@@ -69,10 +71,13 @@ class Exporter:
                                    on_error=sentry_sdk.capture_exception,  # no-op without a DSN
                                    backoff_after=config.alerting.failure_threshold,
                                    on_sent=self._sent)
-        self.inbox_metrics = InboxMetrics(config.metrics.expose_email)
+        self.exposition = InboxExposition(config.metrics.expose_email)
+        self.ondemand = OnDemand(self.scheduler, self.store, config.web.probe_min_interval)
         self.alerts = AlertPipeline(config.alerting, self.metrics.alerts_sent, self._secrets)
         self.metrics.alerts_firing.set_function(lambda: len(self.alerts.transitions.firing()))
         self.store.on_record(self.alerts.on_record)
+        # /metrics is rendered (and compressed) as results arrive, not when Prometheus asks.
+        self.store.on_record(lambda _old, new: self.exposition.update(new))
         self._adopt(config)
 
     def _secrets(self) -> list[str]:
@@ -104,13 +109,16 @@ class Exporter:
             self.confirmer.expect_sent_copy(inbox, result.probe_id, result.sent_at)
 
     def _delivered(self, inbox, result) -> None:
-        if self.store.record_delivery(result, inbox) and result.step.status.value == "ok":
+        state = self.store.record_delivery(result, inbox)
+        self.exposition.update(state)
+        if state is not None and result.step.status.value == "ok":
             self.metrics.observe_delivery(result.step.duration_seconds, inbox.provider)
 
     def start(self) -> None:
         assert self.config is not None
         self.scheduler.start()
         self.scheduler.apply(self.config)
+        self.exposition.layout(self.store.snapshot())
         # Stale probe mails of ours (a crash, a restart mid-delivery): once per watched mailbox.
         accounts = {}
         for inbox in self.config.inboxes:
@@ -142,11 +150,13 @@ class Exporter:
             self.limits.per_host = config.checks.max_connections_per_host
             self.scheduler.auth_failure_max_interval = config.checks.auth_failure_max_interval
             self.scheduler.backoff_after = config.alerting.failure_threshold
-            self.inbox_metrics.expose_email = config.metrics.expose_email
+            self.exposition.set_expose_email(config.metrics.expose_email)
+            self.ondemand.min_interval = config.web.probe_min_interval
             self.alerts.configure(config.alerting)
             if old is not None:
                 self.alerts.forget({i.name for i in old.inboxes} - {i.name for i in config.inboxes})
             self.scheduler.apply(config)
+            self.exposition.layout(self.store.snapshot())
             self.tokens.forget({i.oauth.account_key for i in config.inboxes if i.oauth})
             self._adopt(config)
             log.info("config reloaded", extra={"inboxes": len(config.inboxes)})
@@ -154,25 +164,24 @@ class Exporter:
 
     # --- what the HTTP endpoints show ---------------------------------------------------
 
-    def render_metrics(self) -> list[bytes]:
-        """The /metrics body, in parts (see InboxMetrics.render)."""
-        return [self.metrics.render(), *self.inbox_metrics.render(self.store.snapshot())]
+    def render_metrics(self, gzip: bool = False) -> list[bytes]:
+        """The /metrics body in parts (see exposition.py); with `gzip`, a gzip member."""
+        own = self.metrics.render()
+        raw, packed = self.exposition.render(self.store.snapshot())
+        if not gzip:
+            return [own, *raw]
+        return gzip_member([*deflate([own]), *packed], [own, *raw])
 
     def statuses(self) -> list[dict]:
         return [inbox_status(s, self.scheduler.next_run(s.inbox.name))
                 for s in self.store.snapshot()]
 
-    def probe(self, name: str) -> str | None:
-        """Check one inbox now; its metrics as text, or None if there is no such inbox."""
-        inbox = self.scheduler.inboxes().get(name)
-        if inbox is None:
-            return None
-        self.scheduler.run_now(inbox)
+    def probe_body(self, name: str) -> str:
+        """After an on-demand check: the inbox's metrics, as text."""
         state = self.store.get(name)
         if state is None:
-            return None
-        chunks = render_inbox(state, self.inbox_metrics.expose_email)
-        return "".join(chunks.values())
+            return ""  # removed by a reload while it ran
+        return "".join(render_inbox(state, self.exposition.expose_email).values())
 
     def load(self) -> dict:
         """How busy the exporter is (status page and API): saturation is visible, never a

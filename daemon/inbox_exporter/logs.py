@@ -11,6 +11,8 @@ import logging
 import sys
 from datetime import datetime, timezone
 
+from .redact import redact_urls
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -28,14 +30,16 @@ def _fields(record: logging.LogRecord) -> dict[str, object]:
     return fields
 
 
+# A URL's user:password is redacted on the way out, whoever wrote the line (a library's
+# exception message included): the one kind of secret that text from elsewhere carries.
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return " ".join(f"{k}={_quote(v)}" for k, v in _fields(record).items())
+        return redact_urls(" ".join(f"{k}={_quote(v)}" for k, v in _fields(record).items()))
 
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(_fields(record), default=str)
+        return redact_urls(json.dumps(_fields(record), default=str))
 
 
 def _quote(value: object) -> str:

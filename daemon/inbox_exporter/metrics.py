@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 import platform
-import threading
-from collections.abc import Iterable
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
                                disable_created_metrics)
@@ -118,38 +116,6 @@ def render_inbox(state: InboxState, expose_email: bool = False) -> dict[str, str
                 protocol=cert.protocol.value)
         add("inbox_tls_certificate_trusted", cert.trusted, protocol=cert.protocol.value)
     return {f: "".join(v) for f, v in lines.items()}
-
-
-_BATCH = 500  # inboxes per write
-
-
-class InboxMetrics:
-    """Per-inbox text, cached by (inbox, state version), as bytes ready for the socket."""
-
-    def __init__(self, expose_email: bool = False):
-        self.expose_email = expose_email
-        self._cache: dict[str, tuple[int, object, dict[str, bytes]]] = {}
-        self._lock = threading.Lock()
-
-    def render(self, states: Iterable[InboxState]) -> list[bytes]:
-        """The body in parts, written one after the other and never joined whole: at
-        10,000 inboxes it is ~17 MB, and each extra copy of it is RSS."""
-        with self._lock:
-            cache: dict[str, tuple[int, object, dict[str, bytes]]] = {}
-            for st in states:
-                hit = self._cache.get(st.inbox.name)
-                if hit is None or hit[0] != st.version or hit[1] is not st.inbox:
-                    text = render_inbox(st, self.expose_email)
-                    hit = (st.version, st.inbox, {f: t.encode() for f, t in text.items()})
-                cache[st.inbox.name] = hit
-            self._cache = cache
-            chunks = [c[2] for c in cache.values()]
-        parts = []
-        for family, (kind, help_text) in INBOX_FAMILIES.items():
-            parts.append(f"# HELP {family} {help_text}\n# TYPE {family} {kind}\n".encode())
-            for i in range(0, len(chunks), _BATCH):  # a few large writes, no whole copy
-                parts.append(b"".join(c[family] for c in chunks[i:i + _BATCH]))
-        return parts
 
 
 class ExporterMetrics:

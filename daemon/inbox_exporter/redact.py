@@ -28,7 +28,31 @@ def sasl_plain(username: str, password: str) -> str:
     return base64.b64encode(f"\0{username}\0{password}".encode()).decode()
 
 
+# scheme://user:password@host: the userinfo of any URL, wherever it shows up in text.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s\"']*@")
+
+
+def redact_urls(text: str) -> str:
+    """`https://user:pass@host/` -> `https://<redacted>@host/` (also mid-sentence, in reprs)."""
+    return _USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", text)
+
+
+def split_userinfo(url: str) -> tuple[str, str | None]:
+    """A URL's credentials as an Authorization header value (what curl does with them), and the
+    URL without them: only the header, a secret, carries them from here on."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
+    text = redact_urls(text)
     text = _COMMANDS.sub(lambda m: (m.group(1) or m.group(2)) + REDACTED, text)
     for secret in secrets:
         if not secret:

@@ -15,7 +15,8 @@ from . import __version__
 from .config import ConfigError, parse_duration
 from .daemon import Exporter
 from .sharding import parse_shard
-from .web import WebServer, parse_listen_address
+from .web import WebOptions, WebServer, parse_listen_address
+from .web.webconfig import parse_web_config
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ EXIT_OK, EXIT_CONFIG, EXIT_UNCLEAN = 0, 2, 3
 
 
 def run(config_file: str, listen: str, grace: str, shard_count: int = 1,
-        shard_index: str = "0") -> int:
+        shard_index: str = "0", web: WebOptions | None = None) -> int:
     try:
         grace_seconds = parse_duration(grace)
         address = parse_listen_address(listen)
@@ -32,25 +33,26 @@ def run(config_file: str, listen: str, grace: str, shard_count: int = 1,
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        if web is not None and web.config_file:
+            parse_web_config(web.config_file)  # before anything starts: one line, exit 2
         exporter = Exporter(config_file, shard=shard)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    commands: queue.Queue[str] = queue.Queue()
     try:
-        server = WebServer(address, exporter)
+        server = WebServer(address, exporter, web, on_quit=lambda: commands.put("stop"))
     except OSError as e:
         print(f"error: cannot listen on {listen}: {e.strerror}", file=sys.stderr)
         return EXIT_CONFIG
 
-    commands: queue.Queue[str] = queue.Queue()
     signal.signal(signal.SIGTERM, lambda *_: commands.put("stop"))
     signal.signal(signal.SIGINT, lambda *_: commands.put("stop"))
     signal.signal(signal.SIGHUP, lambda *_: commands.put("reload"))
 
     exporter.start()
     server.start()
-    host, port = server.server_address[:2]
-    log.info("inbox-exporter started", extra={"version": __version__, "listen": f"{host}:{port}",
+    log.info("inbox-exporter started", extra={"version": __version__, "listen": server.url,
                                               "inboxes": len(exporter.config.inboxes),
                                               "shard": f"{shard.index}/{shard.count}"})
     while True:

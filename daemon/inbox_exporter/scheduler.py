@@ -145,21 +145,11 @@ class Scheduler:
 
     # --- running checks -----------------------------------------------------------------
 
-    def run_now(self, inbox: Inbox, timeout: float | None = None) -> CheckResult | None:
-        """An on-demand check (/probe): queued like a scheduled one, within the same caps and
-        workers; waits (on the caller's thread, not a worker) for the result. None when the
-        inbox's previous check is still queued or running, or it did not end in time."""
-        done = threading.Event()
-        got: list[CheckResult] = []
-
-        def finished(result: CheckResult) -> None:
-            got.append(result)
-            done.set()
-
-        if not self._submit(inbox, time.time(), on_done=finished):
-            return None
-        done.wait(timeout if timeout is not None else inbox.interval + inbox.deadline + 5)
-        return got[0] if got else None
+    def submit_on_demand(self, inbox: Inbox, on_done: Callable[[CheckResult], None]) -> bool:
+        """An on-demand check (see ondemand.py for when one may start): queued like a scheduled
+        one, within the same caps, workers and test-email budget. `on_done(result)` runs after
+        the result is recorded. False when a check of the inbox is already queued or running."""
+        return self._submit(inbox, time.time(), on_done=on_done)
 
     def _run(self, inbox: Inbox) -> None:
         first, interval = self._anchor.get(inbox.name, (time.time(), inbox.interval))

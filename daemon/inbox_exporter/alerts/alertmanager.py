@@ -31,8 +31,10 @@ class AlertmanagerSink(Sink):
     name = "alertmanager"
 
     def __init__(self, url: str, resend_interval: float, runbook_url: str | None = None,
-                 status_page_url: str | None = None, clock=time.time):
+                 status_page_url: str | None = None, clock=time.time,
+                 headers: dict[str, str] | None = None):
         self.url = url.rstrip("/") + "/api/v2/alerts"
+        self._headers = headers or {}  # Authorization from the URL's user:password
         self.tick_interval = resend_interval
         self.runbook_url, self.status_page_url = runbook_url, status_page_url
         self._clock = clock
@@ -85,7 +87,7 @@ class AlertmanagerSink(Sink):
             else:
                 self._active.pop(alert.key, None)
                 items.append(self._item(labels, alert, alert.ends_at or now))
-        post_json(self.url, items)
+        post_json(self.url, items, self._headers)
 
     def tick(self) -> None:
         now = self._clock()
@@ -93,4 +95,4 @@ class AlertmanagerSink(Sink):
             items = [self._item(labels, alert, now + 3 * self.tick_interval)
                      for labels, alert in self._active.values()]
         if items:
-            post_json(self.url, items)
+            post_json(self.url, items, self._headers)

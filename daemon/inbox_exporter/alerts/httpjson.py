@@ -6,6 +6,7 @@ import json
 import urllib.error
 import urllib.request
 
+from ..redact import redact_urls
 from .dispatch import SinkError
 
 TIMEOUT = 5.0
@@ -24,9 +25,9 @@ def post_json(url: str, payload: object, headers: dict[str, str] | None = None,
         # (but 408 timeout and 429 rate limit are worth another try).
         permanent = 400 <= e.code < 500 and e.code not in (408, 429)
         raise SinkError(f"HTTP {e.code} from {_origin(url)}", permanent=permanent) from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise SinkError(f"{_origin(url)}: {reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: http.client.InvalidURL
+        reason = redact_urls(str(getattr(e, "reason", e)))
+        raise SinkError(f"{_origin(url)}: {reason}", permanent=isinstance(e, ValueError)) from None
 
 
 def _origin(url: str) -> str:
@@ -34,4 +35,8 @@ def _origin(url: str) -> str:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: say nothing of it
+        port = ""
+    return f"{parts.scheme}://{parts.hostname}{port}"

@@ -26,7 +26,9 @@ def build_sinks(cfg: Alerting, sentry_sink: Sink | None = None) -> list[Sink]:
         sinks.append(sentry_sink)
     if cfg.alertmanager_url:
         sinks.append(AlertmanagerSink(cfg.alertmanager_url, cfg.resend_interval,
-                                      cfg.runbook_url, cfg.status_page_url))
+                                      cfg.runbook_url, cfg.status_page_url,
+                                      headers={k: v.get_secret_value()
+                                               for k, v in cfg.alertmanager_headers}))
     for i, (url, headers) in enumerate(cfg.webhooks):
         sinks.append(WebhookSink(url, {k: v.get_secret_value() for k, v in headers},
                                  cfg.runbook_url, cfg.status_page_url, index=i))

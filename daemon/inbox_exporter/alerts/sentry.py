@@ -39,12 +39,23 @@ def scrubber(secrets: Callable[[], Iterable[str]]):
     return before_send
 
 
+def breadcrumb_scrubber(secrets: Callable[[], Iterable[str]]):
+    """before_breadcrumb: log lines become breadcrumbs; redact them as events are."""
+    clean_event = scrubber(secrets)
+
+    def before_breadcrumb(crumb, hint):
+        return clean_event(crumb, hint)
+
+    return before_breadcrumb
+
+
 def init(dsn: str, environment: str, secrets: Callable[[], Iterable[str]]) -> sentry_sdk.Client:
     """A client for this DSN, made the process's (the scheduler reports our crashes to it)."""
     client = sentry_sdk.Client(
         dsn=dsn, environment=environment, release=f"inbox-exporter@{__version__}",
         send_default_pii=False, include_local_variables=False, max_request_body_size="never",
-        before_send=scrubber(secrets), before_send_transaction=lambda event, hint: None,
+        before_send=scrubber(secrets), before_breadcrumb=breadcrumb_scrubber(secrets),
+        before_send_transaction=lambda event, hint: None,
         traces_sample_rate=0.0,
         # Our crashes reach Sentry once, through the scheduler's error hook; log lines are
         # breadcrumbs only (they are written secret-free, and the scrubber checks anyway).

@@ -22,9 +22,10 @@ from pydantic import SecretStr, ValidationError
 from .alerting import Alerting, resolve_alerting
 from .resolve import Delivery, Inbox, OAuth2, resolve_inboxes
 from .schema import (DEADLINE_STEPS, DEFAULT_INTERVAL, DEFAULT_TIMEOUT, ChecksModel, ConfigError,
-                     ConfigModel, MetricsModel, parse_duration)
+                     ConfigModel, MetricsModel, WebModel, parse_duration)
 
 __all__ = ["Alerting", "Config", "ConfigError", "Delivery", "Inbox", "OAuth2", "load_config",
+           "model_error",
            "parse_config", "parse_duration", "DEFAULT_INTERVAL", "DEFAULT_TIMEOUT",
            "DEADLINE_STEPS"]
 
@@ -37,6 +38,7 @@ class Config:
     metrics: MetricsModel = MetricsModel()
     alerting: Alerting | None = None
     probe_key: SecretStr | None = None  # from checks.probe_key_env
+    web: WebModel = WebModel()
 
     def inbox(self, name: str) -> Inbox:
         for i in self.inboxes:
@@ -94,7 +96,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str],
     try:
         model = ConfigModel.model_validate(data)
     except ValidationError as e:
-        raise _first_error(e, data, source) from None
+        raise model_error(e, data, source) from None
     probe_key = None
     if model.checks.probe_key_env is not None:
         if model.checks.probe_key_file is not None:
@@ -106,10 +108,12 @@ def parse_config(text: str, source: str, environ: Mapping[str, str],
                               f"{model.checks.probe_key_env} is not set", source)
         probe_key = SecretStr(value)
     return Config(resolve_inboxes(model, source, environ, strict_secrets), source, model.checks,
-                  model.metrics, resolve_alerting(model.alerting, source, environ), probe_key)
+                  model.metrics, resolve_alerting(model.alerting, source, environ), probe_key,
+                  model.web)
 
 
-def _first_error(exc: ValidationError, data: dict, source: str) -> ConfigError:
+def model_error(exc: ValidationError, data: dict, source: str) -> ConfigError:
+    """pydantic's first error as a one-line ConfigError naming the path in the file."""
     errors = exc.errors()
     err = errors[0]
     path = _render_path(err["loc"], data)

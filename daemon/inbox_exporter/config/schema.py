@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr
 
+from ..redact import redact_urls
+
 from ..probes.transport import ascii_host
 
 NAME_RE = re.compile(r"^[a-z0-9_.-]+$")
@@ -28,6 +30,7 @@ class ConfigError(Exception):
     """A configuration problem, rendered as one line: `FILE: PATH: MESSAGE`."""
 
     def __init__(self, path: str, message: str, source: str = "config"):
+        message = redact_urls(message)  # a URL's user:password never reaches a log or a reply
         self.path, self.message, self.source = path, message, source
         super().__init__(f"{source}: {path}: {message}" if path else f"{source}: {message}")
 
@@ -260,9 +263,15 @@ class MetricsModel(_Strict):
     expose_email: bool = False  # the address is personal data: off unless the operator opts in
 
 
+class WebModel(_Strict):
+    # On-demand checks (POST /probe, with --web.enable-probe): at most one per inbox this often.
+    probe_min_interval: Duration = 60.0
+
+
 class ConfigModel(_Strict):
     checks: ChecksModel = ChecksModel()
     metrics: MetricsModel = MetricsModel()
+    web: WebModel = WebModel()
     alerting: AlertingModel = AlertingModel()
     defaults: DefaultsModel = DefaultsModel()
     inboxes: list[InboxModel] = []
