@@ -4,11 +4,14 @@
 #   docker run --rm -p 9857:9857 -e SALES_PASSWORD=... \
 #     -v "$PWD/config.yaml:/etc/inbox-exporter/config.yaml:ro" inbox-exporter:0.1.0
 #
-# Two stages: the builder turns the source into a wheel (`pip wheel`) and installs that wheel
-# and its dependencies into a virtualenv at /opt/inbox-exporter; the runtime stage is a plain
-# python:3.11-slim image with that virtualenv copied in, no compiler, no build tools, no pip
-# cache, running as the non-root user 65532. The daemon handles SIGTERM itself, so it runs as
-# PID 1 without an init. It writes nothing to disk: run it with a read-only root filesystem.
+# Two stages: the builder fetches the dependencies exactly as requirements/runtime.lock pins
+# them (every file checked against the lock's SHA-256, `--require-hashes`; scripts/lock makes the
+# lock from pyproject.toml), turns the source into a wheel (`pip wheel`) and installs that wheel
+# and those dependencies, nothing else, into a virtualenv at /opt/inbox-exporter; the runtime
+# stage is a plain python:3.11-slim image with that virtualenv copied in, no compiler, no build
+# tools, no pip cache, running as the non-root user 65532. The daemon handles SIGTERM itself, so
+# it runs as PID 1 without an init. It writes nothing to disk: run it with a read-only root
+# filesystem.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -20,14 +23,21 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
+# 1. the dependencies' wheels, each pinned and hash-checked by the lock. A layer of its own, before
+#    the source is copied: a change to the code alone rebuilds from step 2.
+COPY requirements/runtime.lock requirements/
+RUN pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r requirements/runtime.lock
+
 # Only what the wheel is built from (.dockerignore keeps the rest out of the context).
 COPY pyproject.toml README.md ./
 COPY daemon/ daemon/
 
-# 1. the wheels: inbox-exporter itself (built from source) and every dependency;
-# 2. a virtualenv without pip or setuptools, populated from those wheels only (--no-index):
-#    the outer pip installs into it (--python), so the runtime image carries no installer.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+# 2. inbox-exporter's own wheel, built from source without resolving its dependencies again
+#    (--no-deps: they are the lock's, from step 1);
+# 3. a virtualenv without pip or setuptools, populated from those wheels only (--no-index): the
+#    dependencies can only be the locked ones. The outer pip installs into it (--python), so the
+#    runtime image carries no installer.
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
  && python -m venv --without-pip /opt/inbox-exporter \
  && pip --python /opt/inbox-exporter/bin/python install --no-cache-dir --no-index \
         --find-links /wheels /wheels/inbox_exporter-*.whl \

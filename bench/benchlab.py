@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -133,11 +134,16 @@ class Daemon:
     the daemon). Started by start() (bounded wait for /-/ready), stopped by stop()."""
 
     def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
-                 grace: str = "5s", log_level: str = "warning"):
+                 grace: str = "5s", log_level: str = "warning", args: tuple[str, ...] = (),
+                 tls_ca: Path | None = None):
+        """`args`: more flags (e.g. --web.config.file); `tls_ca`: the daemon serves HTTPS
+        with a certificate from this CA."""
         self.config, self.log, self.grace, self.log_level = config, log, grace, log_level
+        self.args = args
         self.env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT / "daemon")}
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{self.port}"
+        self.context = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else None
         self.proc: subprocess.Popen | None = None
         self.ready_at: float | None = None  # wall clock
 
@@ -150,7 +156,7 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "inbox_exporter", "run", "--config.file", str(self.config),
                  "--web.listen-address", f"127.0.0.1:{self.port}", "--log.level", self.log_level,
-                 "--log.format", "json", "--shutdown.grace-period", self.grace],
+                 "--log.format", "json", "--shutdown.grace-period", self.grace, *self.args],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT)
         if wait_until(lambda: self.proc.poll() is not None or self._ready(), timeout, 0.1) is None \
                 or self.proc.poll() is not None:
@@ -161,7 +167,8 @@ class Daemon:
 
     def _ready(self) -> bool:
         try:
-            return urllib.request.urlopen(self.url + "/-/ready", timeout=1).status == 200
+            return urllib.request.urlopen(self.url + "/-/ready", timeout=1,
+                                          context=self.context).status == 200
         except OSError:
             return False
 

@@ -115,7 +115,9 @@ code{font-size:.85rem}details{margin-top:.3rem}details table{font-size:.85rem}
 """
 
 _JS = """
-document.querySelectorAll('th[data-key]').forEach(function(th){th.addEventListener('click',function(){
+document.querySelectorAll('th[data-key]').forEach(function(th){th.tabIndex=0;
+ th.addEventListener('keydown',function(e){if(e.key==='Enter'||e.key===' '){e.preventDefault();th.click()}});
+ th.addEventListener('click',function(){
  var table=th.closest('table'),body=table.tBodies[0],i=Array.prototype.indexOf.call(th.parentNode.children,th);
  var asc=th.getAttribute('aria-sort')!=='ascending';
  table.querySelectorAll('th').forEach(function(h){h.removeAttribute('aria-sort')});
