@@ -504,3 +504,13 @@ def test_stalled_clients_neither_delay_metrics_nor_cost_threads_and_are_cut(serv
     assert time.monotonic() - opened < 15
     for s in stalled:
         s.close()
+
+
+def test_sentry_breadcrumbs_lose_url_credentials_and_known_secrets():
+    from inbox_exporter.alerts.sentry import breadcrumb_scrubber
+
+    scrub = breadcrumb_scrubber(lambda: ["token-55"])
+    crumb = scrub({"message": "POST https://user:pw-44@sink.example/ with token-55",
+                   "data": {"url": "http://a:pw-45@b/"}}, {})
+    text = json.dumps(crumb)
+    assert "pw-44" not in text and "pw-45" not in text and "token-55" not in text
