@@ -386,7 +386,7 @@ def test_the_status_page_shows_a_person_each_failure_and_its_hint(daemon, lab, t
     html = dom.stdout
     assert "1 of 3 OK, 2 failing" in html
     # The page's script ran under its Content-Security-Policy: it makes the headers focusable.
-    assert html.count('tabindex="0"') == 7, "the status page script did not run (CSP?)"
+    assert html.count('tabindex="0"') == 8, "the status page script did not run (CSP?)"
     from html.parser import HTMLParser
 
     class Rows(HTMLParser):

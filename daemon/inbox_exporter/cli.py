@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--web.enable-probe", dest="enable_probe", action="store_true",
                      help="serve POST /probe?inbox=NAME, an on-demand check (at most one per "
                           "inbox per web.probe_min_interval)")
+    run.add_argument("--storage.path", dest="storage_path", default=None, metavar="DIR",
+                     help="keep the check history (status page strips) in DIR/history.db "
+                          "across restarts (default: in memory only)")
     run.add_argument("--shutdown.grace-period", dest="grace", default="20s", metavar="DURATION",
                      help="on SIGTERM, how long checks in flight may finish (default: %(default)s)")
     run.add_argument("--shard.count", dest="shard_count", type=int, default=1, metavar="N",
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         web = WebOptions(enable_probe=args.enable_probe, enable_lifecycle=args.enable_lifecycle,
                          config_file=args.web_config_file)
         return run(args.config_file, args.listen, args.grace, args.shard_count, args.shard_index,
-                   web)
+                   web, args.storage_path)
     if args.command == "oauth":
         return _oauth_login(args)
     try:

@@ -24,12 +24,15 @@ from .confirm import DeliveryConfirmer
 from .config import Config, ConfigError, Inbox, load_config
 from .deadline import WATCHDOG
 from .limits import ConnectionLimits
+from .history import History
+from .storage import HistoryStorage
 from .exposition import InboxExposition, deflate, gzip_member
 from .metrics import ExporterMetrics, render_inbox
 from .model import CheckResult
 from .ondemand import OnDemand
 from .scheduler import Scheduler
 from .status import inbox_status
+from .svg import strip, uptime
 from .oauth.tokens import TokenCache
 from .probe_id import load_or_create
 from .runner import Runner
@@ -42,13 +45,16 @@ log = logging.getLogger(__name__)
 
 class Exporter:
     def __init__(self, config_path: str, registry: CollectorRegistry | None = None,
-                 environ: Mapping[str, str] | None = None, shard: Shard = Shard()):
+                 environ: Mapping[str, str] | None = None, shard: Shard = Shard(),
+                 storage_path: str | None = None):
         self.config_path = config_path
         self._environ = environ
         self.shard = shard
         self.registry = registry or CollectorRegistry()
         self.metrics = ExporterMetrics(self.registry)
         self.store = Store()
+        self.history = History()
+        self.storage = HistoryStorage(storage_path, self.history) if storage_path else None
         self.config: Config | None = None
         self._reload_lock = threading.Lock()
         config = self._load()  # raises ConfigError: a bad config at start-up is fatal
@@ -78,6 +84,8 @@ class Exporter:
         self.store.on_record(self.alerts.on_record)
         # /metrics is rendered (and compressed) as results arrive, not when Prometheus asks.
         self.store.on_record(lambda _old, new: self.exposition.update(new))
+        self.store.on_record(lambda _old, new: new.last and self.history.add(new.inbox.name,
+                                                                             new.last))
         self._adopt(config)
 
     def _secrets(self) -> list[str]:
@@ -116,6 +124,11 @@ class Exporter:
 
     def start(self) -> None:
         assert self.config is not None
+        if self.storage is not None:
+            restored = self.storage.load()
+            self.history.keep(i.name for i in self.config.inboxes)
+            log.info("history restored", extra={"inboxes": restored, "path": str(self.storage.path)})
+            self.storage.start()
         self.scheduler.start()
         self.scheduler.apply(self.config)
         self.exposition.layout(self.store.snapshot())
@@ -129,6 +142,8 @@ class Exporter:
 
     def stop(self, grace: float) -> bool:
         clean = self.scheduler.stop(grace)
+        if self.storage is not None:
+            self.storage.stop()  # the last batch of history, after the last results
         self.confirmer.stop()
         self.alerts.stop()
         WATCHDOG.stop()
@@ -157,6 +172,7 @@ class Exporter:
                 self.alerts.forget({i.name for i in old.inboxes} - {i.name for i in config.inboxes})
             self.scheduler.apply(config)
             self.exposition.layout(self.store.snapshot())
+            self.history.keep(i.name for i in config.inboxes)
             self.tokens.forget({i.oauth.account_key for i in config.inboxes if i.oauth})
             self._adopt(config)
             log.info("config reloaded", extra={"inboxes": len(config.inboxes)})
@@ -173,8 +189,26 @@ class Exporter:
         return gzip_member([*deflate([own]), *packed], [own, *raw])
 
     def statuses(self) -> list[dict]:
-        return [inbox_status(s, self.scheduler.next_run(s.inbox.name))
-                for s in self.store.snapshot()]
+        out = []
+        for s in self.store.snapshot():
+            status = inbox_status(s, self.scheduler.next_run(s.inbox.name))
+            up = uptime(self.history.entries(s.inbox.name))
+            status["uptime"] = None if up is None else round(up, 4)
+            out.append(status)
+        return out
+
+    def strips(self) -> dict[str, str]:
+        """Each inbox's history strip for the status page (runs merged: one element per run)."""
+        return {s.inbox.name: strip(self.history.entries(s.inbox.name), cell=2, merge=True)
+                for s in self.store.snapshot()}
+
+    def inbox(self, name: str) -> tuple[dict, list, dict[str, str | None]] | None:
+        """One inbox's page: its status, its history entries, its transcripts."""
+        state = self.store.get(name)
+        if state is None:
+            return None
+        status = inbox_status(state, self.scheduler.next_run(name))
+        return status, self.history.entries(name), {"last": None, "last_failure": None}
 
     def probe_body(self, name: str) -> str:
         """After an on-demand check: the inbox's metrics, as text."""

@@ -24,7 +24,8 @@ EXIT_OK, EXIT_CONFIG, EXIT_UNCLEAN = 0, 2, 3
 
 
 def run(config_file: str, listen: str, grace: str, shard_count: int = 1,
-        shard_index: str = "0", web: WebOptions | None = None) -> int:
+        shard_index: str = "0", web: WebOptions | None = None,
+        storage_path: str | None = None) -> int:
     try:
         grace_seconds = parse_duration(grace)
         address = parse_listen_address(listen)
@@ -35,7 +36,7 @@ def run(config_file: str, listen: str, grace: str, shard_count: int = 1,
     try:
         if web is not None and web.config_file:
             parse_web_config(web.config_file)  # before anything starts: one line, exit 2
-        exporter = Exporter(config_file, shard=shard)
+        exporter = Exporter(config_file, shard=shard, storage_path=storage_path)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -21,7 +21,7 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
-def _human(iso: str | None) -> str | None:
+def human(iso: str | None) -> str | None:
     """'2026-11-27T05:36:37+00:00' -> '2026-11-27 05:36:37 UTC' for the page."""
     return None if iso is None else iso.replace("T", " ").replace("+00:00", " UTC")
 
@@ -50,6 +50,10 @@ def inbox_status(state: InboxState, next_run: float | None) -> dict:
         "reason": first_failure.diagnosis.reason.value if first_failure else None,
         "hint": first_failure.diagnosis.hint if first_failure else None,
         "consecutive_failures": state.consecutive_failures,
+        # why the interval is stretched (credential failure, rate limit), or None
+        "backing_off": (f"after {first_failure.diagnosis.reason.value if first_failure else 'a failure'}"
+                        f", checked every {state.interval:g}s instead of {state.inbox.interval:g}s"
+                        if state.effective_interval else None),
         "interval_seconds": state.interval,
         "last_check": _iso(last.started_at) if last else None,
         "last_check_duration_seconds": round(last.duration_seconds, 6) if last else None,
@@ -94,7 +98,7 @@ def _load_line(load: dict | None) -> str:
     return f" · {text}"
 
 
-_CSS = """
+PAGE_CSS = """
 :root{--ok:#1a7f37;--bad:#cf222e;--wait:#6e7781;--line:#d0d7de;font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
 body{margin:0;padding:1rem;color:#1f2328;background:#f6f8fa}
 h1{font-size:1.3rem;margin:0 0 .3rem}
@@ -132,53 +136,70 @@ def _sha256(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
-# The page's only style and script are its own inline ones, allowed by their hashes: nothing
-# else may load, run, frame it or be posted from it (an injected tag would be inert).
-CONTENT_SECURITY_POLICY = (
-    f"default-src 'none'; style-src {_sha256(_CSS)}; script-src {_sha256(_JS)}; "
-    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'")
+def shell(title: str, css: str, body: str, script: str | None = None, refresh: int = 30) -> str:
+    """A whole page: its own inline style (and script), nothing from elsewhere."""
+    return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
+            "<meta name=viewport content=\"width=device-width,initial-scale=1\">"
+            f"<meta http-equiv=refresh content={refresh}><title>{html.escape(title)}</title>"
+            f"<style>{css}</style></head><body>{body}"
+            + (f"<script>{script}</script>" if script else "") + "</body></html>")
 
 
-def _latency(step: dict) -> str:
+def content_security_policy(*styles: str, scripts: tuple[str, ...] = ()) -> str:
+    """Only these inline styles and scripts (by hash): nothing else may load, run, frame the
+    page or be posted from it, so an injected tag would be inert."""
+    script_src = " ".join(_sha256(s) for s in scripts) or "'none'"
+    return (f"default-src 'none'; style-src {' '.join(_sha256(s) for s in styles)}; "
+            f"script-src {script_src}; img-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+
+
+CONTENT_SECURITY_POLICY = content_security_policy(PAGE_CSS, scripts=(_JS,))
+
+
+def latency(step: dict) -> str:
     return "" if step["status"] == Status.SKIPPED else f"{step['duration_seconds'] * 1000:.0f} ms"
 
 
 _RANK = {"failing": "0", "pending": "1", "ok": "2"}
 
 
-def render_html(statuses: list[dict], load: dict | None = None) -> str:
+def render_html(statuses: list[dict], load: dict | None = None,
+                strips: dict[str, str] | None = None) -> str:
+    """The status page; `strips`: inbox name -> its history strip (svg.strip, merged)."""
+    strips = strips or {}
     e = html.escape
     failing = sum(1 for s in statuses if s["state"] == "failing")
     rows = []
     for s in sorted(statuses, key=lambda s: (_RANK[s["state"]], s["name"])):
         why = f"{s['category']} / {s['reason']}" if s["category"] else ""
         steps = "".join(
-            f"<tr><td>{e(st['step'])}</td><td>{e(st['status'])}</td><td>{_latency(st)}</td>"
+            f"<tr><td>{e(st['step'])}</td><td>{e(st['status'])}</td><td>{latency(st)}</td>"
             f"<td>{e(st['detail'] or st['note'] or '')}</td></tr>" for st in s["steps"])
         details = (f"<details><summary>steps</summary><table class=steps>{steps}</table></details>"
                    if steps else "")
         rows.append(
             f"<tr class={s['state']} data-inbox=\"{e(s['name'])}\">"
-            f"<td data-label=Inbox><strong>{e(s['name'])}</strong><br>"
+            f"<td data-label=Inbox><a href=\"/inbox/{e(s['name'])}\"><strong>{e(s['name'])}"
+            f"</strong></a><br>"
             f"<span class=muted>{e(s['provider'])}</span></td>"
             f"<td data-label=Status data-sort={_RANK[s['state']]}><span class=badge>{e(s['state'])}</span></td>"
             f"<td data-label=\"Failing step\">{e(s['failing_step'] or '')}</td>"
             f"<td data-label=Why><code>{e(why)}</code></td>"
             f"<td data-label=Hint>{e(s['hint'] or '')}{details}</td>"
             f"<td data-label=\"Last success\" data-sort=\"{e(s['last_success'] or '')}\">"
-            f"{e(_human(s['last_success']) or 'never')}</td>"
-            f"<td data-label=\"Last check\">{e(_human(s['last_check']) or 'not yet')}</td></tr>")
+            f"{e(human(s['last_success']) or 'never')}</td>"
+            f"<td data-label=\"Last check\">{e(human(s['last_check']) or 'not yet')}</td>"
+            f"<td data-label=History data-sort=\"{s.get('uptime', '')}\">"
+            f"{strips.get(s['name'], '')}</td></tr>")
     head = "".join(f"<th data-key={k}>{label}</th>" for k, label in (
         ("name", "Inbox"), ("state", "Status"), ("step", "Failing step"), ("why", "Why"),
-        ("hint", "Hint"), ("success", "Last success"), ("check", "Last check")))
-    return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        "<meta name=viewport content=\"width=device-width,initial-scale=1\">"
-        "<meta http-equiv=refresh content=30><title>inbox-exporter</title>"
-        f"<style>{_CSS}</style></head><body><h1>Connected inboxes</h1>"
+        ("hint", "Hint"), ("success", "Last success"), ("check", "Last check"),
+        ("history", "History")))
+    body = (
+        f"<h1>Connected inboxes</h1>"
         f"<p class=summary id=summary>{len(statuses) - failing} of {len(statuses)} OK"
         f"{f', {failing} failing' if failing else ''}{_load_line(load)} · "
         "<a href=/metrics>metrics</a> · <a href=/api/v1/status>JSON</a></p>"
-        f"<table id=inboxes><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-        f"<script>{_JS}</script></body></html>")
+        f"<table id=inboxes><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    return shell("inbox-exporter", PAGE_CSS, body, script=_JS)

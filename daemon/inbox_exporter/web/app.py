@@ -5,6 +5,8 @@
     GET  /-/ready          a configuration is loaded
     GET  /                 status page
     GET  /api/v1/status    the same as JSON
+    GET  /inbox/NAME       one inbox: latest result, history strip, transcripts (and its JSON at
+                           /api/v1/inboxes/NAME)
     POST /probe?inbox=N    an on-demand check           (--web.enable-probe)
     POST /-/reload         re-read the config file      (--web.enable-lifecycle)
     POST /-/quit           shut down cleanly            (--web.enable-lifecycle)
@@ -25,9 +27,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
-from .. import status
+from .. import inbox_page, status
 from ..metrics import CONTENT_TYPE
 from ..ondemand import Refusal
 from .auth import BasicAuth, RateLimit
@@ -123,10 +125,10 @@ class App:
             return Response(200, parts, CONTENT_TYPE, headers)
         if path == "/" and read:
             page = await self._in(self._render, lambda: status.render_html(
-                self.exporter.statuses(), self.exporter.load()))
-            return Response(200, [page.encode()], "text/html; charset=utf-8",
-                            (("Content-Security-Policy", status.CONTENT_SECURITY_POLICY),
-                             ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer")))
+                self.exporter.statuses(), self.exporter.load(), self.exporter.strips()))
+            return _html(page, status.CONTENT_SECURITY_POLICY)
+        if path.startswith(("/inbox/", "/api/v1/inboxes/")) and read:
+            return await self._inbox(path)
         if path == "/api/v1/status" and read:
             body = await self._in(self._render, lambda: status.render_json(
                 self.exporter.statuses(), self.exporter.load()))
@@ -138,6 +140,15 @@ class App:
         if path in ("/", "/metrics", "/-/healthy", "/-/ready", "/api/v1/status"):
             return Response.text(405, "method not allowed\n", ("Allow", "GET, HEAD"))
         return Response.text(404, "not found\n")
+
+    async def _inbox(self, path: str) -> Response:
+        name = unquote(path.rpartition("/")[2])
+        found = await self._in(self._render, self.exporter.inbox, name)
+        if found is None:
+            return Response.text(404, "no such inbox on this exporter\n")
+        if path.startswith("/api/"):
+            return Response(200, [inbox_page.render_json(*found).encode()], "application/json")
+        return _html(inbox_page.render_html(*found), inbox_page.CONTENT_SECURITY_POLICY)
 
     async def _probe(self, scope: Scope, method: str) -> Response:
         if method != "POST":
@@ -205,6 +216,12 @@ class App:
         for chunk in _chunks(body):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _html(page: str, policy: str) -> Response:
+    return Response(200, [page.encode()], "text/html; charset=utf-8",
+                    (("Content-Security-Policy", policy), ("X-Frame-Options", "DENY"),
+                     ("Referrer-Policy", "no-referrer")))
 
 
 def _chunks(parts: list[bytes]) -> Iterable[bytes]:
