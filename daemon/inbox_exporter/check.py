@@ -26,6 +26,7 @@ from .model import CheckResult, Diagnosis, Phase, Status, Step, StepResult
 from .oauth.tokens import TokenCache
 from .probe_id import ProbeKey
 from .probes.base import Probe, converse
+from .transcript import Transcript
 from .probes.imap import ImapProbe
 from .probes.smtp import SmtpProbe
 
@@ -58,6 +59,9 @@ class Plan:
         self.started_at, self._t0 = checker.wall(), checker.clock()
         self.imap = ImapProbe(inbox, checker.tokens)
         self.smtp = SmtpProbe(inbox, probe_id, checker.tokens)
+        # Both legs write to one transcript, timed from the check's start.
+        self.transcript = Transcript(inbox.secrets(), checker.clock)
+        self.imap.transcript = self.smtp.transcript = self.transcript
         smtp_chain: list[tuple[Step, Callable[[float], None]]] = [
             (Step.SMTP_CONNECT, self.smtp.connect), (Step.SMTP_LOGIN, self.smtp.login)]
         self._test_email_note = None
@@ -96,7 +100,7 @@ class Plan:
         return CheckResult(inbox=self.inbox.name, started_at=self.started_at,
                            duration_seconds=self._checker.clock() - self._t0, steps=tuple(steps),
                            probe_id=self.probe_id, certificates=tuple(certificates),
-                           sent_at=self.smtp.accepted_at)
+                           sent_at=self.smtp.accepted_at, transcript=self.transcript.packed())
 
 
 class Checker:

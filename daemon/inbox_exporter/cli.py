@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--inbox", action="append", metavar="NAME",
                        help="only this inbox (repeatable)")
     check.add_argument("--output", choices=["text", "json"], default="text")
+    check.add_argument("--transcript", action="store_true",
+                       help="show what was said (redacted: no password, token or message body)")
     check.add_argument("--parallel", type=int, default=8, metavar="N",
                        help="inboxes checked at once (default: %(default)s)")
     check.add_argument("--no-test-email", dest="send_test_email", action="store_false",
@@ -173,7 +175,8 @@ def _check(config, args) -> int:
             results = list(pool.map(check, inboxes))
     finally:
         confirmer.stop()
-    print(render_json(results) if args.output == "json" else render_text(results))
+    print(render_json(results, args.transcript) if args.output == "json"
+          else render_text(results, transcript=args.transcript))
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILING
 
 

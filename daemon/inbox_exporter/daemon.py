@@ -33,6 +33,7 @@ from .ondemand import OnDemand
 from .scheduler import Scheduler
 from .status import inbox_status
 from .svg import strip, uptime
+from .transcript import unpack
 from .oauth.tokens import TokenCache
 from .probe_id import load_or_create
 from .runner import Runner
@@ -199,7 +200,7 @@ class Exporter:
 
     def strips(self) -> dict[str, str]:
         """Each inbox's history strip for the status page (runs merged: one element per run)."""
-        return {s.inbox.name: strip(self.history.entries(s.inbox.name), cell=2, merge=True)
+        return {s.inbox.name: strip(self.history.entries(s.inbox.name), cell=3, merge=True)
                 for s in self.store.snapshot()}
 
     def inbox(self, name: str) -> tuple[dict, list, dict[str, str | None]] | None:
@@ -208,7 +209,10 @@ class Exporter:
         if state is None:
             return None
         status = inbox_status(state, self.scheduler.next_run(name))
-        return status, self.history.entries(name), {"last": None, "last_failure": None}
+        last = state.last.transcript if state.last else None
+        failure = state.failure_transcript
+        return status, self.history.entries(name), {
+            "last": unpack(last), "last_failure": None if failure is last else unpack(failure)}
 
     def probe_body(self, name: str) -> str:
         """After an on-demand check: the inbox's metrics, as text."""

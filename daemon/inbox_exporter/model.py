@@ -157,6 +157,9 @@ class CheckResult:
     probe_id: str
     certificates: tuple[CertificateInfo, ...] = field(default_factory=tuple)
     sent_at: float | None = None  # when the SMTP server accepted the test email
+    # the redacted conversation (transcript.py), zlib-compressed; not part of equality
+    transcript: bytes | None = field(default=None, compare=False, repr=False)
+
     @property
     def ok(self) -> bool:
         return not any(s.status is Status.FAILED for s in self.steps) and any(

@@ -7,15 +7,23 @@ import textwrap
 from collections.abc import Sequence
 
 from .model import CheckResult, Status
+from .transcript import unpack
 
 _MARK = {Status.OK: "ok", Status.FAILED: "FAILED", Status.SKIPPED: "skipped"}
 
 
-def render_json(results: Sequence[CheckResult]) -> str:
-    return json.dumps({"inboxes": [r.to_json() for r in results]}, indent=2)
+def render_json(results: Sequence[CheckResult], transcript: bool = False) -> str:
+    def one(r: CheckResult) -> dict:
+        doc = r.to_json()
+        if transcript:
+            doc["transcript"] = unpack(r.transcript)
+        return doc
+
+    return json.dumps({"inboxes": [one(r) for r in results]}, indent=2)
 
 
-def render_text(results: Sequence[CheckResult], width: int = 100) -> str:
+def render_text(results: Sequence[CheckResult], width: int = 100,
+                transcript: bool = False) -> str:
     out: list[str] = []
     for r in results:
         verdict = "OK" if r.ok else "FAILING"
@@ -30,6 +38,9 @@ def render_text(results: Sequence[CheckResult], width: int = 100) -> str:
                 for label, text in (("hint", d.hint), ("detail", d.detail)):
                     wrapped = textwrap.wrap(f"{label}: {text}", width - 6)
                     out.extend("      " + line for line in wrapped)
+        if transcript and r.transcript:
+            out.append("  transcript (redacted):")
+            out.extend("    " + line for line in (unpack(r.transcript) or "").splitlines())
         out.append("")
     failing = sum(1 for r in results if not r.ok)
     out.append(f"{len(results) - failing} of {len(results)} inboxes OK")

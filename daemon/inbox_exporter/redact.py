@@ -52,8 +52,15 @@ def split_userinfo(url: str) -> tuple[str, str | None]:
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
+    """Text from a server or an exception: login commands it echoes, URL credentials, and
+    every form of the known secrets."""
     text = redact_urls(text)
     text = _COMMANDS.sub(lambda m: (m.group(1) or m.group(2)) + REDACTED, text)
+    return redact_secrets(text, secrets)
+
+
+def redact_secrets(text: str, secrets: Iterable[str]) -> str:
+    """Every form of the known secrets (plain, quoted, base64, repr) in `text`."""
     for secret in secrets:
         if not secret:
             continue

@@ -51,9 +51,7 @@ def inbox_status(state: InboxState, next_run: float | None) -> dict:
         "hint": first_failure.diagnosis.hint if first_failure else None,
         "consecutive_failures": state.consecutive_failures,
         # why the interval is stretched (credential failure, rate limit), or None
-        "backing_off": (f"after {first_failure.diagnosis.reason.value if first_failure else 'a failure'}"
-                        f", checked every {state.interval:g}s instead of {state.inbox.interval:g}s"
-                        if state.effective_interval else None),
+        "backing_off": _backing_off(state, first_failure),
         "interval_seconds": state.interval,
         "last_check": _iso(last.started_at) if last else None,
         "last_check_duration_seconds": round(last.duration_seconds, 6) if last else None,
@@ -71,6 +69,24 @@ def inbox_status(state: InboxState, next_run: float | None) -> dict:
             {"protocol": c.protocol.value, "trusted": c.trusted, "expires": _iso(c.not_after)}
             for c in (last.certificates if last else ())],
     }
+
+
+def _backing_off(state: InboxState, first_failure) -> str | None:
+    """Why the inbox is checked less often than configured, or None."""
+    if not state.effective_interval:
+        return None
+    why = first_failure.diagnosis.reason.value if first_failure else "a failure"
+    pace = f"checked every {duration(state.effective_interval)}"
+    if state.effective_interval != state.inbox.interval:
+        pace += f" instead of {duration(state.inbox.interval)}"
+    return f"after {why}: {pace} until a check succeeds, so the account is not locked"
+
+
+def duration(seconds: float) -> str:
+    """3600 -> '1h', 5400 -> '1h30m', 90 -> '1m30s'."""
+    s = int(seconds)
+    h, m, sec = s // 3600, s % 3600 // 60, s % 60
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (sec, "s")) if v) or "0s"
 
 
 def _summary(result) -> dict:

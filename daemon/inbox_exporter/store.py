@@ -38,6 +38,8 @@ class InboxState:
     effective_interval: float | None = None  # longer than inbox.interval while backing off
     delivery: "DeliveryResult | None" = None  # the last confirmed (or failed) delivery
     last_test_email_at: float | None = None  # when the SMTP server last accepted a test email
+    # The last failed check's transcript (zlib); the last check's is `last.transcript`.
+    failure_transcript: bytes | None = None
     version: int = 0  # bumped on every change: lets renderers cache per inbox
 
     @property
@@ -78,7 +80,8 @@ class Store:
             old = self._states.get(result.inbox)
             if old is None or old.inbox != inbox:
                 return None  # removed or changed while the check ran
-            history = (result, *old.history)
+            # Older results keep no transcript: only the last and the last failure's are kept.
+            history = (replace(result, transcript=None), *old.history)
             kept, scrolled = history[:HISTORY], history[HISTORY:]
             old_failures = old.old_failures
             if scrolled and not scrolled[0].ok:
@@ -96,6 +99,8 @@ class Store:
                 old_failures=old_failures,
                 effective_interval=effective_interval,
                 last_test_email_at=result.sent_at or old.last_test_email_at,
+                failure_transcript=(result.transcript if not result.ok
+                                    else old.failure_transcript),
                 version=old.version + 1,
             )
             self._states[result.inbox] = state

@@ -16,7 +16,9 @@ from ..model import CertificateInfo, Protocol
 from ..oauth import sasl
 from ..oauth.tokens import AccessToken, TokenCache
 from ..providers import Endpoint
-from .transport import Connection, certificate_info, context_for, open_socket, untrusted_certificate
+from ..transcript import Tap, Transcript
+from .transport import (Connection, certificate_info, context_for, open_socket, tls_facts,
+                        untrusted_certificate)
 
 
 CLOSE_TIMEOUT = 2.0  # for LOGOUT / QUIT after the steps
@@ -33,12 +35,27 @@ class Probe:
         self.certificate: CertificateInfo | None = None
         self.encrypted = False
         self.tls = context_for(inbox.ca_file, inbox.allow_insecure_certificate)
+        self.transcript: Transcript | None = None  # set by the check that records one
+
+    @property
+    def tap(self) -> Tap | None:
+        """Where the protocol library's lines go (None: nothing recorded)."""
+        return None if self.transcript is None else Tap(self.transcript, self.protocol.value)
 
     def opener(self, timeout: float) -> Callable[[], socket.socket]:
         """The function the protocol library calls to get its socket (implicit TLS included)."""
         ep = self.endpoint
         tls = self.tls if ep.security == "ssl" else None
-        return lambda: open_socket(self.conn, ep.host, ep.port, timeout, self.inbox.source_address, tls)
+
+        def open_() -> socket.socket:
+            sock = open_socket(self.conn, ep.host, ep.port, timeout, self.inbox.source_address, tls)
+            if self.transcript is not None:
+                peer = sock.getpeername()
+                self.transcript.fact(self.protocol.value,
+                                     f"connected to {peer[0]} port {peer[1]} ({ep.host})")
+            return sock
+
+        return open_
 
     @contextmanager
     def handshake(self) -> Iterator[None]:
@@ -54,6 +71,9 @@ class Probe:
         self.conn.sock = sock
         self.encrypted = True
         self.certificate = certificate_info(sock, self.protocol)
+        if self.transcript is not None:
+            for fact in tls_facts(sock):
+                self.transcript.fact(self.protocol.value, fact)
 
     # --- OAuth 2.0 logins (auth.method: oauth2) ------------------------------------------------
 
@@ -70,6 +90,8 @@ class Probe:
             raise RuntimeError("an OAuth inbox needs a TokenCache")
         t0 = time.monotonic()
         token = self.tokens.access_token(oauth, timeout)
+        if self.transcript is not None:
+            self.transcript.secret(token.value)
         left = timeout - (time.monotonic() - t0)
         if left <= 0:
             raise errors.OAuthEndpointUnavailable(

@@ -13,6 +13,7 @@ from ..config import Inbox
 from ..model import Phase, Protocol
 from ..oauth import sasl
 from ..oauth.tokens import TokenCache
+from ..transcript import Tap
 from .base import CLOSE_TIMEOUT, Probe
 from .transport import ascii_host
 
@@ -20,24 +21,43 @@ from .transport import ascii_host
 class _IMAP4(imaplib.IMAP4):
     """imaplib on a socket we opened ourselves (so DNS, TCP and TLS are timed and classified)."""
 
-    def __init__(self, open_fn, host: str, port: int):
-        self._open_fn = open_fn
+    def __init__(self, open_fn, host: str, port: int, tap: Tap | None = None):
+        self._open_fn, self._tap = open_fn, tap
         super().__init__(host, port)
 
     def _create_socket(self, timeout=None):
         return self._open_fn()
 
+    # The transcript's view of the conversation (the tap redacts logins itself).
+    def send(self, data):
+        if self._tap is not None:
+            self._tap.sent(data)
+        super().send(data)
+
+    def _get_line(self):
+        line = super()._get_line()
+        if self._tap is not None:
+            self._tap.received(line)
+        return line
+
+    def read(self, size):
+        data = super().read(size)
+        if self._tap is not None:
+            self._tap.literal(len(data))  # a literal: message contents, never shown
+        return data
+
 
 class _Client(IMAPClient):
-    def __init__(self, open_fn, host: str, port: int, use_ssl: bool, timeout: float):
-        self._open_fn = open_fn
+    def __init__(self, open_fn, host: str, port: int, use_ssl: bool, timeout: float,
+                 tap: Tap | None = None):
+        self._open_fn, self._tap = open_fn, tap
         super().__init__(host, port, ssl=use_ssl, timeout=timeout)
         # IMAPClient turns imaplib's debug output on (level 5) for a logger we silence anyway:
         # formatting every line costs CPU on each check.
         self._imap.debug = 0
 
     def _create_IMAP4(self):  # IMAPClient's one seam where the connection is created
-        return _IMAP4(self._open_fn, self.host, self.port)
+        return _IMAP4(self._open_fn, self.host, self.port, self._tap)
 
 
 class _Continuations:
@@ -64,7 +84,7 @@ class ImapProbe(Probe):
             try:
                 # The name STARTTLS checks the certificate against: an IDN in A-labels.
                 self.client = _Client(self.opener(timeout), ascii_host(ep.host), ep.port,
-                                      ep.security == "ssl", timeout)
+                                      ep.security == "ssl", timeout, self.tap)
             except imaplib.IMAP4.error as e:
                 if "unexpected response" in str(e):
                     raise errors.UnexpectedReply(f"not an IMAP greeting: {e}") from e

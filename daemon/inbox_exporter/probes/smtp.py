@@ -13,6 +13,7 @@ from .. import errors
 from ..config import Inbox
 from ..model import Phase, Protocol
 from ..oauth.tokens import TokenCache
+from ..transcript import Tap
 from .base import CLOSE_TIMEOUT, Probe
 from .transport import ascii_host
 
@@ -30,12 +31,27 @@ def ehlo_name() -> str:
 class _SMTP(smtplib.SMTP):
     """smtplib on a socket we opened ourselves; built without a host so nothing connects early."""
 
-    def __init__(self, open_fn, timeout: float):
-        self._open_fn = open_fn
+    def __init__(self, open_fn, timeout: float, tap: Tap | None = None):
+        self._open_fn, self._tap = open_fn, tap
         super().__init__(local_hostname=ehlo_name(), timeout=timeout)
 
     def _get_socket(self, host, port, timeout):
         return self._open_fn()
+
+    # The transcript's view of the conversation (the tap redacts logins and the body itself).
+    def send(self, s):
+        if self._tap is not None:
+            self._tap.sent(s.encode("utf-8") if isinstance(s, str) else s)
+        super().send(s)
+
+    def getreply(self):
+        code, message = super().getreply()
+        if self._tap is not None:
+            lines = message.split(b"\n") if message else [b""]
+            for i, line in enumerate(lines):
+                sep = b"-" if i < len(lines) - 1 else b" "
+                self._tap.received(f"{code}".encode() + sep + line)
+        return code, message
 
     def auth(self, mechanism, authobject, *, initial_response_ok=True):
         # smtplib encodes every SASL response as ASCII: a non-ASCII user or password would be
@@ -107,7 +123,7 @@ class SmtpProbe(Probe):
 
     def connect(self, timeout: float) -> None:
         ep = self.endpoint
-        smtp = self.smtp = _SMTP(self.opener(timeout), timeout)
+        smtp = self.smtp = _SMTP(self.opener(timeout), timeout, self.tap)
         smtp._host = ascii_host(ep.host)  # starttls() checks the certificate against this name
         with self.handshake():
             code, greeting = smtp.connect(ep.host, ep.port)

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import socket
 import ssl
+import time
 import threading
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -176,6 +177,27 @@ def certificate_info(sock: ssl.SSLSocket, protocol: Protocol) -> CertificateInfo
     der = sock.getpeercert(binary_form=True)
     return CertificateInfo(protocol=protocol, not_after=der_not_after(der) if der else None,
                            trusted=sock.context.verify_mode != ssl.CERT_NONE)
+
+
+def tls_facts(sock: ssl.SSLSocket) -> list[str]:
+    """What a support desk asks about a TLS connection: version, cipher, the certificate."""
+    cipher = sock.cipher()
+    facts = [f"TLS {sock.version()}, cipher {cipher[0] if cipher else '?'}"]
+    cert = sock.getpeercert()  # parsed only when verified (else {}): then the DER's expiry
+    if cert:
+        def name(field: str) -> str:
+            return ", ".join(f"{k}={v}" for rdn in cert.get(field, ()) for k, v in rdn)
+
+        sans = ", ".join(v for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address"))
+        facts.append(f"certificate: subject {name('subject')}; issuer {name('issuer')}; "
+                     f"SANs {sans or 'none'}; expires {cert.get('notAfter', '?')}")
+    else:
+        der = sock.getpeercert(binary_form=True)
+        expires = der_not_after(der) if der else None
+        facts.append("certificate: not verified (allow_insecure_certificate)"
+                     + (f"; expires {time.strftime('%b %d %H:%M:%S %Y GMT', time.gmtime(expires))}"
+                        if expires else ""))
+    return facts
 
 
 def untrusted_certificate(protocol: Protocol) -> CertificateInfo:
