@@ -15,6 +15,7 @@ after it. The first trial is the cold one (a fresh daemon and Alertmanager). The
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 import statistics
@@ -24,14 +25,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from benchlab import wait_until  # noqa: E402 - sets the import paths
+from benchlab import wait_until
 
-import yaml  # noqa: E402
-from maillab import MailLab  # noqa: E402
-from maillab.promstack import Alertmanager  # noqa: E402
+import yaml
 
-from inbox_exporter import logs  # noqa: E402
-from inbox_exporter.daemon import Exporter  # noqa: E402
+from inbox_exporter import logs
+from inbox_exporter.daemon import Exporter
+from maillab import MailLab
+from maillab.promstack import Alertmanager
 
 INBOX = "latency"
 
@@ -89,7 +90,7 @@ def main() -> int:
                 time.sleep(random.uniform(0, args.interval))  # break at any phase of the cycle
                 lab.set_password(INBOX, "broken-password")
                 broken, broken_wall = time.monotonic(), time.time()
-                alerted = wait_until(lambda: alerted_since(broken_wall), bound + 30, 0.05)
+                alerted = wait_until(functools.partial(alerted_since, broken_wall), bound + 30, 0.05)
                 latencies.append((alerted or math.inf) - broken)
                 lab.set_password(INBOX, "right-password")
         finally:

@@ -22,13 +22,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchlab import free_port, lab_inbox, version  # noqa: E402 - sets the import paths
+from benchlab import free_port, lab_inbox, version
 
-import yaml  # noqa: E402
-from maillab import MailLab  # noqa: E402
+import yaml
 
-from inbox_exporter.check import Checker  # noqa: E402
-from inbox_exporter.model import ALL_STEPS, Step  # noqa: E402
+from inbox_exporter.check import Checker
+from inbox_exporter.model import ALL_STEPS, Step
+from maillab import MailLab
 
 
 def quantiles(values: list[float]) -> tuple[float, float, float]:

@@ -50,11 +50,11 @@ sys.path[:0] = [str(ROOT / "daemon"), str(ROOT / "lab")]
 from benchlab import Report, version  # noqa: E402
 
 import yaml  # noqa: E402
-from maillab import MailLab  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from inbox_exporter.daemon import Exporter  # noqa: E402
 from inbox_exporter.store import InboxState  # noqa: E402
+from maillab import MailLab  # noqa: E402
 
 WINDOW = 5.0  # seconds per "peak per window" column
 EOF = None  # the marker a _Pipe forwards as a half-close
@@ -496,8 +496,8 @@ def scenario_b(lab, args, tmp: Path, report: Report, users: list, cap: int,
         sub = tmp / ("b-control" if control else "b")
         sub.mkdir()
         config = write_config(sub, lab, inboxes, per_host=cap, interval=args.interval, concurrency=32)
-        out = run_exporter(config, {env_name(i["name"]): u.password for i, u in zip(inboxes, users)},
-                           seconds)
+        passwords = {env_name(i["name"]): u.password for i, u in zip(inboxes, users, strict=True)}
+        out = run_exporter(config, passwords, seconds)
     finally:
         proxies.close()
     for line in describe(out):

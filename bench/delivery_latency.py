@@ -16,13 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlab import lab_inbox  # noqa: E402 - sets the import paths
+from benchlab import lab_inbox
 
-from maillab import MailLab  # noqa: E402
-
-from inbox_exporter import confirm, logs  # noqa: E402
-from inbox_exporter.check import Checker  # noqa: E402
-from inbox_exporter.limits import ConnectionLimits  # noqa: E402
+from inbox_exporter import confirm, logs
+from inbox_exporter.check import Checker
+from inbox_exporter.limits import ConnectionLimits
+from maillab import MailLab
 
 
 def q(values: list[float]) -> str:

@@ -25,11 +25,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from benchlab import (NOT_RUN_NO_SLOT, Daemon, cpu_seconds, get_json,  # noqa: E402 - sets the import paths
-                      rss_mb, scrape, total)
+from benchlab import NOT_RUN_NO_SLOT, Daemon, cpu_seconds, get_json, rss_mb, scrape, total
 
-import yaml  # noqa: E402
-from maillab import MailLab  # noqa: E402
+import yaml
+
+from maillab import MailLab
 
 ACCOUNTS = 50  # inboxes share these lab users (20 each): the per-account cap is exercised too
 TIMEOUT = 10  # seconds per step; also the settle time after the last due run

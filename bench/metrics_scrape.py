@@ -25,14 +25,23 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchlab import rss_mb  # noqa: E402 - sets the import paths
+from benchlab import rss_mb
 
-import yaml  # noqa: E402
+import yaml
 
-from inbox_exporter.daemon import Exporter  # noqa: E402
-from inbox_exporter.model import (ALL_STEPS, Category, CertificateInfo, CheckResult,  # noqa: E402
-                                  Diagnosis, Protocol, Reason, Status, StepResult)
-from inbox_exporter.web import WebServer  # noqa: E402
+from inbox_exporter.daemon import Exporter
+from inbox_exporter.model import (
+    ALL_STEPS,
+    Category,
+    CertificateInfo,
+    CheckResult,
+    Diagnosis,
+    Protocol,
+    Reason,
+    Status,
+    StepResult,
+)
+from inbox_exporter.web import WebServer
 
 TARGET = 0.2  # seconds per plain scrape
 GZIP_TARGET = 0.1  # seconds per gzip scrape
@@ -139,7 +148,7 @@ def main() -> int:
     series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
     # Every gzip body must be one member holding the same inbox series as its plain twin.
     broken = 0
-    for gz_s, plain_s, gz_body, plain_body in [cold, *warm, one_changed, *churn]:
+    for _gz_s, _plain_s, gz_body, plain_body in [cold, *warm, one_changed, *churn]:
         try:
             text = gzip.decompress(gz_body)
         except OSError:

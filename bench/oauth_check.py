@@ -21,14 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlab import lab_inbox  # noqa: E402 - sets the import paths
+from benchlab import lab_inbox
 
-import yaml  # noqa: E402
-from maillab import MailLab  # noqa: E402
+import yaml
 
-from inbox_exporter.check import Checker  # noqa: E402
-from inbox_exporter.config import parse_config  # noqa: E402
-from inbox_exporter.oauth.tokens import TokenCache  # noqa: E402
+from inbox_exporter.check import Checker
+from inbox_exporter.config import parse_config
+from inbox_exporter.oauth.tokens import TokenCache
+from maillab import MailLab
 
 SECRET_ENV = "BENCH_CLIENT_SECRET"
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import math
 import re
 import secrets
@@ -58,11 +59,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from benchlab import (NOT_RUN_NO_SLOT, Daemon, Report, get_json,  # noqa: E402 - sets the import paths
-                      percentile, proc_status, scrape, total)
+from benchlab import NOT_RUN_NO_SLOT, Daemon, Report, get_json, percentile, proc_status, scrape, total
 
-import yaml  # noqa: E402
-from maillab import MailLab  # noqa: E402
+import yaml
+
+from maillab import MailLab
 
 HANG_HOST = "127.0.0.2"
 BLACKHOLE_HOST = "127.0.0.3"
@@ -396,7 +397,7 @@ def tally(out: Run, args, polled: dict[str, dict[float, bool]], statuses: list[d
         out.passed[name] = len(passed)
         out.failed[name] = len(times) - len(passed)
         frame = [min([start, *passed]), *passed, end]
-        out.lateness += [max(0.0, b - a - args.interval) for a, b in zip(frame, frame[1:])]
+        out.lateness += [max(0.0, b - a - args.interval) for a, b in itertools.pairwise(frame)]
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -432,7 +433,8 @@ def report(base: Run, outage: Run, args) -> bool:
     row("daemon alive to the end", lambda r: "yes" if r.alive else "no")
     row("daemon stop after SIGTERM: s (exit code)", lambda r: f"{r.stop_seconds:.1f} ({r.exit_code})")
     for g, n in (("hang", outage.hanging), ("blackhole", outage.blackholed)):
-        reasons = ", ".join(f"{k} {v:g}" for k, v in outage.broken.get(g, collections.Counter()).most_common())
+        by_reason = outage.broken.get(g, collections.Counter()).most_common()
+        reasons = ", ".join(f"{k} {v:g}" for k, v in by_reason)
         print(f"  outage, {g} inboxes: {outage.broken_checked.get(g, 0)} of {n} checked at least once; "
               f"failures by reason: {reasons or 'none'}; steps never given a slot: "
               f"{outage.no_slot.get(g, 0)}")

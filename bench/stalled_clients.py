@@ -24,9 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchlab import Daemon, Report, threads, wait_until  # noqa: E402 - sets the import paths
+from benchlab import Daemon, Report, threads, wait_until
 
-import yaml  # noqa: E402
+import yaml
 
 FETCH_TARGET = 2.0
 CUT_TARGET = 15.0

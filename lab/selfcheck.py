@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from maillab import APP_PASSWORD_REASON, LabError, MailLab  # noqa: E402
-from maillab.oauth import OAuthError, oauthbearer, xoauth2  # noqa: E402
+from maillab import APP_PASSWORD_REASON, LabError, MailLab
+from maillab.oauth import OAuthError, oauthbearer, xoauth2
 
 TIMEOUT = 5.0
 results: list[tuple[str, bool, float, str]] = []
@@ -152,13 +152,13 @@ def lab_processes(lab: MailLab) -> list[str]:
     # name "dovecot-maillab-<id>-<instance>" (Dovecot blanks its environ)
     for pattern in (str(lab.workdir), f"maillab-{lab.id}-"):
         r = subprocess.run(["pgrep", "-a", "-f", pattern], capture_output=True, text=True)
-        found += [l for l in r.stdout.splitlines() if "selfcheck" not in l]
+        found += [line for line in r.stdout.splitlines() if "selfcheck" not in line]
     needle = f"MAILLAB_LAB={lab.id}".encode()
     for entry in os.scandir("/proc"):
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                env = open(f"/proc/{entry.name}/environ", "rb").read().split(b"\0")
-                cmd = open(f"/proc/{entry.name}/cmdline", "rb").read().replace(b"\0", b" ")
+                env = Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0")
+                cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ")
             except OSError:
                 continue
             if needle in env:
@@ -178,7 +178,7 @@ def defunct_children_of(pids: set[int]) -> list[str]:
 
 # ------------------------------------------------------------------ checks
 def run_checks(lab: MailLab, workroot: Path) -> None:
-    P = lab.ports
+    P = lab.ports  # noqa: N806 - the lab's ports, read like a table by every check below
     alice, bob, bcc = lab.users["alice"], lab.users["bob"], lab.users["bcc"]
     appuser, netuser = lab.users["appuser"], lab.users["netuser"]
     good_ctx = lab.ssl_context()
@@ -486,10 +486,10 @@ def run_checks(lab: MailLab, workroot: Path) -> None:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
                 raise AssertionError("connect succeeded")
-            except socket.timeout:
+            except TimeoutError:
                 waited = time.monotonic() - t
             except ConnectionRefusedError:
-                raise AssertionError("connection refused (expected a timeout)")
+                raise AssertionError("connection refused (expected a timeout)") from None
         rules = subprocess.run(["iptables", "-S", "INPUT"], capture_output=True, text=True).stdout
         expect(f"--dport {port}" not in rules, "rule left behind")
         try:
@@ -517,9 +517,9 @@ def run_checks(lab: MailLab, workroot: Path) -> None:
             mine, theirs = set(P.as_dict().values()), set(other.ports.as_dict().values())
             expect(not mine & theirs, f"shared ports {mine & theirs}")
             expect(other.run_dir != lab.run_dir, "shared run dir")
-            for l in (lab, other):
-                c = imaps(l, l.ports.imaps)
-                c.login(l.users["alice"].address, l.users["alice"].password)
+            for each in (lab, other):
+                c = imaps(each, each.ports.imaps)
+                c.login(each.users["alice"].address, each.users["alice"].password)
                 c.logout()
             # each lab trusts only its own CA
             code = tls_verify_code(other.ports.imaps, "localhost", good_ctx)
@@ -590,7 +590,7 @@ def smtp_xoauth2(lab: MailLab, port: int, address: str, token: str) -> tuple[smt
 
 
 def run_oauth_checks(lab: MailLab) -> dict[str, str]:
-    P, oauth = lab.ports, lab.oauth
+    P, oauth = lab.ports, lab.oauth  # noqa: N806 - the lab's ports, as in run_checks
     alice, bob, bcc = lab.users["alice"], lab.users["bob"], lab.users["bcc"]
     state: dict[str, str] = {}
 
@@ -647,7 +647,7 @@ def run_oauth_checks(lab: MailLab) -> dict[str, str]:
         token = oauth.client_credentials_token()
         info = oauth.introspect(token)
         expect("sub" not in info and info["mailbox"] == app.mailbox, f"{info}")
-        challenges, reply = imap_sasl(lab, P.imaps_oauth, "XOAUTH2", app.mailbox, token)
+        _, reply = imap_sasl(lab, P.imaps_oauth, "XOAUTH2", app.mailbox, token)
         expect(reply.startswith(b"a OK"), f"{reply!r}")
         other = bob.address if app.mailbox != bob.address else alice.address
         refused("XOAUTH2", other, token)

@@ -1,5 +1,6 @@
 """The demo: the mail lab (real Dovecot + Postfix on 127.0.0.1) and `inbox-exporter run`
-checking seven inboxes, some broken on purpose (one logs in with OAuth 2.0). Runs until Ctrl-C (or --duration)."""
+checking seven inboxes, some broken on purpose (one logs in with OAuth 2.0). Runs until Ctrl-C
+(or --duration)."""
 
 from __future__ import annotations
 

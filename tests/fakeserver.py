@@ -45,7 +45,7 @@ class FakeServer:
         self._conns: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
 
-    def __enter__(self) -> "FakeServer":
+    def __enter__(self) -> FakeServer:
         t = threading.Thread(target=self._accept, daemon=True)
         t.start()
         self._threads.append(t)

@@ -25,7 +25,7 @@ class Capture(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         self._thread.start()
         return self
 
@@ -47,7 +47,7 @@ class Capture(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: Capture
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         encoding = self.headers.get("Content-Encoding", "")
         if encoding == "gzip":

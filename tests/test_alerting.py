@@ -15,8 +15,7 @@ from inbox_exporter.alerts.dispatch import Dispatcher
 from inbox_exporter.alerts.pipeline import AlertPipeline
 from inbox_exporter.alerts.transitions import FIRING, RESOLVED, Alert, Transitions
 from inbox_exporter.config import parse_config
-from inbox_exporter.model import (Category, CheckResult, Diagnosis, Reason, Status, Step,
-                                  StepResult)
+from inbox_exporter.model import Category, CheckResult, Diagnosis, Reason, Status, Step, StepResult
 
 from .conftest import PASSWORD, check_now, env_name, lab_entry, wait_until, write_config
 from .httpcapture import Capture
@@ -180,7 +179,7 @@ def envelopes(endpoint: Capture) -> list[dict]:
     events = []
     for r in endpoint.requests:
         lines = r["body"].split("\n")
-        for header, payload in zip(lines[1::2], lines[2::2]):
+        for header, payload in zip(lines[1::2], lines[2::2], strict=False):
             if json.loads(header).get("type") == "event":
                 events.append(json.loads(payload))
     return events

@@ -12,9 +12,9 @@ import pytest
 
 from inbox_exporter.daemon import Exporter
 from inbox_exporter.web import WebServer
+from maillab.promstack import Prometheus
 
 from .conftest import env_name, lab_entry, wait_until, write_config
-from maillab.promstack import Prometheus
 
 ROOT = Path(__file__).parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "inbox-exporter.rules.yml"

@@ -16,8 +16,16 @@ from inbox_exporter.model import Category, Phase, Reason, Status, Step
 from inbox_exporter.redact import one_line, sasl_plain
 
 from .conftest import make_inbox
-from .fakeserver import (CUT, Trickle, IMAP_CAPABILITY, IMAP_GREETING, SILENT, SMTP_EHLO, SMTP_GREETING,
-                         FakeServer)
+from .fakeserver import (
+    CUT,
+    IMAP_CAPABILITY,
+    IMAP_GREETING,
+    SILENT,
+    SMTP_EHLO,
+    SMTP_GREETING,
+    FakeServer,
+    Trickle,
+)
 
 ROOT = Path(__file__).parent.parent
 REPLIES = yaml.safe_load((Path(__file__).parent / "testdata" / "replies.yaml").read_text())
@@ -29,7 +37,8 @@ def diagnose(step, exc, phase=Phase.COMMAND):
 
 
 def cert_error(message: str, code: int) -> ssl.SSLCertVerificationError:
-    e = ssl.SSLCertVerificationError(1, f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {message}")
+    e = ssl.SSLCertVerificationError(
+        1, f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {message}")
     e.verify_code, e.verify_message = code, message
     return e
 
@@ -92,11 +101,11 @@ def _script(at: str, reply: str) -> list:
         return [(None, reply + "\r\n")]
     script = [(None, SMTP_GREETING), (r"^EHLO", SMTP_EHLO)]
     if at == "smtp_auth":
-        return script + [(r"^AUTH", reply + "\r\n")]
+        return [*script, (r"^AUTH", reply + "\r\n")]
     script.append((r"^AUTH", "235 2.7.0 Authentication successful\r\n"))
     if at == "smtp_mail":
-        return script + [(r"^MAIL", reply + "\r\n")]
-    return script + [(r"^MAIL", "250 2.1.0 Ok\r\n"), (r"^RCPT", reply + "\r\n")]
+        return [*script, (r"^MAIL", reply + "\r\n")]
+    return [*script, (r"^MAIL", "250 2.1.0 Ok\r\n"), (r"^RCPT", reply + "\r\n")]
 
 
 STEP_OF = {"imap_login": Step.IMAP_LOGIN, "smtp_greeting": Step.SMTP_CONNECT,

@@ -175,7 +175,8 @@ inboxes:
     assert delegated.token_url == "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
     assert delegated.scope == ("https://outlook.office.com/IMAP.AccessAsUser.All "
                                "https://outlook.office.com/SMTP.Send offline_access")
-    assert (delegated.grant, delegated.mechanism, delegated.client_id) == ("refresh_token", "xoauth2", "app-id")
+    assert (delegated.grant, delegated.mechanism, delegated.client_id) == (
+        "refresh_token", "xoauth2", "app-id")
     assert delegated.refresh_token.get_secret_value() == "refresh-token-sales"
     assert app.scope == "https://outlook.office365.com/.default"
     assert (app.grant, app.mechanism, app.refresh_token) == ("client_credentials", "oauthbearer", None)
@@ -201,7 +202,8 @@ inboxes:
      auth: {method: password}}
 """)
     a, b = config.inboxes
-    assert (a.oauth.token_url, a.oauth.client_id, a.oauth.scope) == ("http://127.0.0.1:8443/token", "shared", "mail")
+    assert (a.oauth.token_url, a.oauth.client_id, a.oauth.scope) == (
+        "http://127.0.0.1:8443/token", "shared", "mail")
     assert a.oauth.client_secret is None  # a public client
     assert b.oauth is None and b.password.get_secret_value() == "s3cret-sales"
 

@@ -465,7 +465,7 @@ def test_two_shards_check_disjoint_sets_of_inboxes_that_together_are_all(tmp_pat
     try:
         seen = []
         for _, url in daemons:
-            def checked():
+            def checked(url=url):
                 text = urllib.request.urlopen(url + "/metrics").read().decode()
                 ok = {s.labels["inbox"] for f in text_string_to_metric_families(text)
                       for s in f.samples if s.name == "inbox_check_success" and s.value == 1}

@@ -143,7 +143,7 @@ def test_dashboard_is_well_formed_for_grafana():
         g = p.get("gridPos")
         assert g and set(g) >= {"x", "y", "w", "h"}, f"{where}: gridPos {g}"
         assert all(isinstance(g[k], int) for k in "xywh"), f"{where}: gridPos {g}"
-        assert 0 <= g["x"] and g["w"] > 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, f"{where}: {g}"
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, f"{where}: {g}"
         if p["type"] == "row":
             assert parent is None, f"{where}: a row inside a row"
             assert g["w"] == 24 and g["h"] == 1 and g["x"] == 0, f"{where}: {g}"
@@ -258,8 +258,8 @@ def test_every_reason_has_a_hint_in_the_failing_inboxes_table():
                     if o["matcher"] == {"id": "byName", "options": "hint"})
     mappings = next(p["value"] for p in override["properties"] if p["id"] == "mappings")
     hints = {k: v["text"] for m in mappings for k, v in m["options"].items()}
-    documented = set(re.findall(r"^\| `([a-z_]+)` \| ", ERRORS_DOC.read_text().split("## Reasons and hints")[1]
-                                .split("\n## ")[0], re.M))
+    reasons_section = ERRORS_DOC.read_text().split("## Reasons and hints")[1].split("\n## ")[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \| ", reasons_section, re.M))
     reasons = documented | {r.value for r in Reason}  # the label values that can occur
     assert set(hints) == reasons, f"no hint for {reasons - set(hints)}, stale {set(hints) - reasons}"
     assert all(len(h) > 20 for h in hints.values())

@@ -3,7 +3,10 @@ chart with `helm lint --strict`, `helm template` and `kubernetes-validate --stri
 Prometheus Operator objects against the shape of their CRDs, the PrometheusRule with promtool.
 Also: the chart's config is valid for the daemon, its flags are the daemon's, sharding renders a
 StatefulSet whose pods split the inboxes, the rules and the dashboard are the repository's files
-(symlinks, one source of truth), and the values schema rejects typos.
+(symlinks, one source of truth), the values schema rejects typos, and the secured endpoints
+(values: web) render a web config file the daemon accepts, with the TLS files beside it in one
+projected volume (so a renewed certificate is re-read), HTTPS or TCP probes, and a ServiceMonitor
+that scrapes over HTTPS with basic auth.
 
 The tools come from scripts/install-deploy-tools (into .venv); promtool from scripts/setup.
 Nothing is skipped: a missing tool fails with what to run.
@@ -11,22 +14,28 @@ Nothing is skipped: a missing tool fails with what to run.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import bcrypt
 import certifi
 import jsonschema
 import pytest
 import yaml
 
 from inbox_exporter.sharding import parse_shard
+from inbox_exporter.web.webconfig import WebConfigFile
+
+from .webtls import issue, make_ca
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -258,6 +267,13 @@ _DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+
                                           r"(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
 _META = _obj({"name": _STR, "namespace": _STR, "labels": _MAP, "annotations": _MAP},
              ["name", "namespace"])
+_KEY_REF = _obj({"name": _STR, "key": _STR, "optional": {"type": "boolean"}}, ["key"])
+_SECRET_OR_CONFIGMAP = _obj({"secret": _KEY_REF, "configMap": _KEY_REF})
+_TLS_VERSION = {"enum": ["TLS10", "TLS11", "TLS12", "TLS13"]}
+_TLS_CONFIG = _obj({"ca": _SECRET_OR_CONFIGMAP, "cert": _SECRET_OR_CONFIGMAP,
+                    "keySecret": _KEY_REF, "caFile": _STR, "certFile": _STR, "keyFile": _STR,
+                    "serverName": _STR, "insecureSkipVerify": {"type": "boolean"},
+                    "minVersion": _TLS_VERSION, "maxVersion": _TLS_VERSION})
 CRD_SCHEMAS = {
     "ServiceMonitor": _obj({
         "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
@@ -269,6 +285,8 @@ CRD_SCHEMAS = {
             "selector": _LABEL_SELECTOR,
             "endpoints": {"type": "array", "minItems": 1, "items": _obj({
                 "port": _STR, "path": _STR, "scheme": {"enum": ["http", "https"]},
+                "tlsConfig": _TLS_CONFIG,
+                "basicAuth": _obj({"username": _KEY_REF, "password": _KEY_REF}),
                 "interval": _DURATION, "scrapeTimeout": _DURATION,
                 "honorLabels": {"type": "boolean"},
                 "relabelings": {"type": "array", "items": _RELABEL},
@@ -298,8 +316,8 @@ def test_crds_have_the_operator_shape(values):
 def test_every_kind_is_checked():
     kinds = {o["kind"] for v in ALL_VALUES for o in render(v)}
     assert kinds == {"ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim",
-                     "PodDisruptionBudget", "PrometheusRule", "Service", "ServiceAccount",
-                     "ServiceMonitor", "StatefulSet"}, kinds
+                     "PodDisruptionBudget", "PrometheusRule", "Secret", "Service",
+                     "ServiceAccount", "ServiceMonitor", "StatefulSet"}, kinds
 
 
 # --- the pod --------------------------------------------------------------------------------
@@ -321,8 +339,9 @@ def test_restricted_pod(values):
     assert csc["readOnlyRootFilesystem"] is True and csc["allowPrivilegeEscalation"] is False
     assert csc["capabilities"] == {"drop": ["ALL"]} and csc["runAsNonRoot"] is True
     assert spec["automountServiceAccountToken"] is False
-    assert c["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": "http"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/-/ready", "port": "http"}
+    tls = web_tls(values)
+    for probe, path in (("livenessProbe", "/-/healthy"), ("readinessProbe", "/-/ready")):
+        assert probe_handler(c[probe]) == expected_probe(tls, path), (probe, c[probe])
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     [port] = c["ports"]
     assert port["name"] == "http" and f"--web.listen-address=:{port['containerPort']}" in c["args"]
@@ -341,6 +360,25 @@ def test_restricted_pod(values):
     for e in c.get("env", []):
         assert "value" not in e, e
     assert_daemon_accepts(c["args"])
+
+
+def web_tls(values: Path | None) -> dict:
+    """The web.tls values of a values file (the chart's defaults filled in)."""
+    given = yaml.safe_load(values.read_text()).get("web", {}) if values else {}
+    return {"enabled": False, "clientAuthType": "NoClientCert", **given.get("tls", {})}
+
+
+def probe_handler(probe: dict) -> dict:
+    return {k: v for k, v in probe.items() if k in ("httpGet", "tcpSocket", "exec", "grpc")}
+
+
+def expected_probe(tls: dict, path: str) -> dict:
+    """GET over HTTP, or HTTPS with web.tls; a TCP connection when client certificates are
+    required (the kubelet has none, the handshake would fail)."""
+    if tls["enabled"] and tls["clientAuthType"] == "RequireAndVerifyClientCert":
+        return {"tcpSocket": {"port": "http"}}
+    get = {"path": path, "port": "http"}
+    return {"httpGet": {**get, "scheme": "HTTPS"} if tls["enabled"] else get}
 
 
 @by_values
@@ -532,7 +570,9 @@ def test_oauth_seed_script(tmp_path):
 
 
 def test_checksum_follows_the_config():
-    ann = lambda objs: workload(objs)["spec"]["template"]["metadata"]["annotations"]
+    def ann(objs):
+        return workload(objs)["spec"]["template"]["metadata"]["annotations"]
+
     a, b = render(), render(None, "config.defaults.interval=5m")
     assert ann(a)["checksum/config"] != ann(b)["checksum/config"]
 
@@ -674,6 +714,228 @@ def test_pdb():
     assert pdb["spec"]["minAvailable"] == 2 and "maxUnavailable" not in pdb["spec"]
 
 
+# --- the endpoints secured (values: web) -------------------------------------------------
+
+WEB_DIR = "/etc/inbox-exporter-web"
+WEB_FLAG = f"--web.config.file={WEB_DIR}/web-config.yml"
+WEB_SECRET = f"{FULLNAME}-web-config"
+SERVER_NAME = f"{FULLNAME}.{NAMESPACE}.svc"
+SCRAPE_PASSWORD = "scrape-secret"  # the password of the bcrypt hash in ci/web-values.yaml
+MTLS = ("web.tls.clientAuthType=RequireAndVerifyClientCert",
+        "web.tls.clientCA.secretName=inbox-exporter-clients-ca")
+
+
+def web_config(objects) -> dict:
+    """The web config file the chart rendered (its Secret, decoded)."""
+    data = one(objects, "Secret", WEB_SECRET)["data"]
+    assert set(data) == {"web-config.yml"}
+    return yaml.safe_load(base64.b64decode(data["web-config.yml"]))
+
+
+def web_volume(objects) -> tuple[dict, dict]:
+    """The exporter's mount of the web volume, and the volume."""
+    [mount] = [m for m in container(objects)["volumeMounts"] if m["name"] == "web-config"]
+    [volume] = [v for v in pod_spec(objects)["volumes"] if v["name"] == "web-config"]
+    return mount, volume
+
+
+def web_args(objects) -> list[str]:
+    return [a for a in container(objects)["args"] if a.startswith("--web.")
+            and not a.startswith("--web.listen-address=")]
+
+
+def endpoint(objects) -> dict:
+    [ep] = one(objects, "ServiceMonitor", FULLNAME)["spec"]["endpoints"]
+    return ep
+
+
+@pytest.mark.parametrize("sets", [(), ("shards=3",)], ids=["deployment", "statefulset"])
+def test_web_default_is_plain_http(sets):
+    """Nothing of it by default: no web config, no flags, no volume, HTTP probes and scrapes."""
+    objects = render(None, *sets, "serviceMonitor.enabled=true")
+    assert not find(objects, "Secret")
+    assert web_args(objects) == []
+    assert "web-config" not in {v["name"] for v in pod_spec(objects)["volumes"]}
+    assert "web-config" not in {m["name"] for m in container(objects)["volumeMounts"]}
+    c = container(objects)
+    assert probe_handler(c["livenessProbe"]) == expected_probe(web_tls(None), "/-/healthy")
+    ep = endpoint(objects)
+    assert ep["scheme"] == "http" and "tlsConfig" not in ep and "basicAuth" not in ep
+
+
+@pytest.mark.parametrize("sets", [(), ("shards=3",)], ids=["deployment", "statefulset"])
+def test_web_tls_and_basic_auth(sets):
+    """ci/web-values.yaml: TLS from a kubernetes.io/tls Secret, basic auth, both APIs on; in a
+    Deployment and in a StatefulSet (the same pod template)."""
+    values = yaml.safe_load(ci("web").read_text())
+    objects = render(ci("web"), *sets)
+    workload_kind = "StatefulSet" if sets else "Deployment"
+    assert workload(objects)["kind"] == workload_kind
+    c = container(objects)
+    assert web_args(objects) == [WEB_FLAG, "--web.enable-lifecycle", "--web.enable-probe"]
+    assert_daemon_accepts(c["args"])
+    # the web config: tls_server_config from web.tls, the rest of web.config verbatim; bcrypt
+    # hashes only, in a Secret (never a ConfigMap)
+    config = web_config(objects)
+    assert config == {
+        "tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key",
+                              "client_auth_type": "NoClientCert", "min_version": "TLS13"},
+        **values["web"]["config"]}
+    hashed = config["basic_auth_users"]["prometheus"]
+    assert bcrypt.checkpw(SCRAPE_PASSWORD.encode(), hashed.encode())
+    for cm in find(objects, "ConfigMap"):
+        assert "basic_auth_users" not in json.dumps(cm), cm["metadata"]["name"]
+    # one projected volume, read-only: the web config file and the certificate side by side
+    mount, volume = web_volume(objects)
+    assert mount == {"name": "web-config", "mountPath": WEB_DIR, "readOnly": True}
+    assert volume["projected"] == {"defaultMode": 0o440, "sources": [
+        {"secret": {"name": WEB_SECRET,
+                    "items": [{"key": "web-config.yml", "path": "web-config.yml"}]}},
+        {"secret": {"name": "inbox-exporter-tls",
+                    "items": [{"key": "tls.crt", "path": "tls.crt"},
+                              {"key": "tls.key", "path": "tls.key"}]}}]}
+    # the exporter re-reads the file: no checksum rolls the pods when it changes
+    annotations = workload(objects)["spec"]["template"]["metadata"]["annotations"]
+    assert list(annotations) == ["checksum/config"]
+    # HTTPS probes (the kubelet does not verify the certificate, nor send credentials)
+    for probe, path in (("livenessProbe", "/-/healthy"), ("readinessProbe", "/-/ready")):
+        assert probe_handler(c[probe]) == {"httpGet": {"path": path, "port": "http",
+                                                       "scheme": "HTTPS"}}
+    # the ServiceMonitor scrapes over HTTPS, checks the Service's name, sends basic auth
+    ep = endpoint(objects)
+    assert ep["scheme"] == "https"
+    assert ep["tlsConfig"] == {"ca": {"secret": {"name": "inbox-exporter-tls", "key": "ca.crt"}},
+                               "serverName": SERVER_NAME}
+    assert ep["basicAuth"] == values["serviceMonitor"]["basicAuth"]
+    jsonschema.validate(one(objects, "ServiceMonitor"), CRD_SCHEMAS["ServiceMonitor"])
+
+
+@pytest.mark.parametrize("values, sets", [(ci("web"), MTLS), (ci("everything"), ())],
+                         ids=["deployment", "statefulset"])
+def test_web_mutual_tls_probes_tcp(values, sets):
+    """RequireAndVerifyClientCert: the client CA is mounted beside the web config, and the
+    probes are TCP checks, since the kubelet cannot present a client certificate."""
+    objects = render(values, *sets)
+    c = container(objects)
+    assert probe_handler(c["livenessProbe"]) == {"tcpSocket": {"port": "http"}}
+    assert probe_handler(c["readinessProbe"]) == {"tcpSocket": {"port": "http"}}
+    assert c["livenessProbe"]["periodSeconds"] == 10  # the timing values still apply
+    config = web_config(objects)["tls_server_config"]
+    assert config["client_auth_type"] == "RequireAndVerifyClientCert"
+    assert config["client_ca_file"] == "client-ca.crt"
+    _, volume = web_volume(objects)
+    ca_key = "ca.pem" if values == ci("everything") else "ca.crt"  # clientCA.key
+    assert volume["projected"]["sources"][2] == {"secret": {
+        "name": "inbox-exporter-clients-ca", "items": [{"key": ca_key, "path": "client-ca.crt"}]}}
+    assert WEB_FLAG in c["args"]
+    assert endpoint(objects)["scheme"] == "https"
+
+
+def test_web_everything_merges_and_passes_client_certificates():
+    """ci/everything: web.config's tls_server_config keys are merged into the chart's, and the
+    ServiceMonitor's tlsConfig (client certificate, CA from a ConfigMap, serverName) is kept."""
+    values = yaml.safe_load(ci("everything").read_text())
+    objects = render(ci("everything"))
+    assert workload(objects)["kind"] == "StatefulSet"
+    config = web_config(objects)
+    assert config == {"tls_server_config": {
+        "cert_file": "tls.crt", "key_file": "tls.key", "client_ca_file": "client-ca.crt",
+        "client_auth_type": "RequireAndVerifyClientCert", "min_version": "TLS12",
+        **values["web"]["config"]["tls_server_config"]}}
+    ep = endpoint(objects)
+    assert ep["scheme"] == "https" and ep["tlsConfig"] == values["serviceMonitor"]["tlsConfig"]
+    assert "basicAuth" not in ep
+
+
+def test_web_existing_config_secret():
+    """The whole web config file from a Secret the chart does not manage: no Secret rendered,
+    the TLS files still mounted beside it, the probes from web.tls."""
+    objects = render(None, "web.existingConfigSecret=my-web-config",
+                     "web.existingConfigKey=web.yml", "web.tls.enabled=true",
+                     "web.tls.secretName=my-tls")
+    assert not find(objects, "Secret")
+    assert web_args(objects) == [WEB_FLAG]
+    _, volume = web_volume(objects)
+    assert [src["secret"]["name"] for src in volume["projected"]["sources"]] == [
+        "my-web-config", "my-tls"]
+    assert volume["projected"]["sources"][0]["secret"]["items"] == [
+        {"key": "web.yml", "path": "web-config.yml"}]
+    assert container(objects)["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    # only the optional APIs: no web config file at all
+    objects = render(None, "web.enableProbe=true")
+    assert web_args(objects) == ["--web.enable-probe"] and not find(objects, "Secret")
+
+
+def kubelet_project(volume: dict, secrets: dict[str, dict[str, str]], directory: Path) -> None:
+    """Write a projected volume the way the kubelet's AtomicWriter does: every file into a new
+    timestamped directory, `..data` switched to it by a rename, each visible name a symlink
+    into `..data`, the previous directory removed."""
+    files = {}
+    for source in volume["projected"]["sources"]:
+        secret = secrets[source["secret"]["name"]]
+        for item in source["secret"]["items"]:
+            files[item["path"]] = secret[item["key"]]
+    directory.mkdir(exist_ok=True)
+    data = directory / "..data"
+    old = os.readlink(data) if data.is_symlink() else None
+    n = len(list(directory.glob("..20*")))
+    ts = directory / f"..2025_01_01_00_00_0{n}.{os.getpid()}"
+    ts.mkdir()
+    for path, content in files.items():
+        (ts / path).write_text(content)
+        (ts / path).chmod(volume["projected"]["defaultMode"])
+    (directory / "..data_tmp").symlink_to(ts.name)
+    os.replace(directory / "..data_tmp", data)
+    for path in files:
+        if not (directory / path).is_symlink():
+            (directory / path).symlink_to(f"..data/{path}")
+    if old:
+        shutil.rmtree(directory / old)
+
+
+@pytest.mark.parametrize("values, sets, verify", [
+    (ci("web"), (), ssl.CERT_NONE),
+    (ci("web"), ("web.tls.clientAuthType=VerifyClientCertIfGiven",
+                 "web.tls.clientCA.secretName=inbox-exporter-tls"), ssl.CERT_OPTIONAL),
+    (ci("everything"), (), ssl.CERT_REQUIRED),
+], ids=["tls", "verify-if-given", "mutual-tls"])
+def test_web_config_is_valid_for_the_daemon(values, sets, verify, tmp_path):
+    """The rendered web config file, in the pod's volume as the kubelet lays it out (with real
+    certificates), is what the daemon reads; a renewed certificate, which changes only the TLS
+    Secret, is picked up without a restart, because it shares the volume with the file."""
+    objects = render(values, *sets)
+    _, volume = web_volume(objects)
+    ca, clients = make_ca(tmp_path / "ca"), make_ca(tmp_path / "clients")
+
+    def tls_secret(name: str) -> dict[str, str]:
+        cert, key = issue(ca, name)
+        return {"tls.crt": cert.read_text(), "tls.key": key.read_text(),
+                "ca.crt": ca.ca.read_text()}
+
+    secrets = {
+        WEB_SECRET: {"web-config.yml": base64.b64decode(
+            one(objects, "Secret", WEB_SECRET)["data"]["web-config.yml"]).decode()},
+        "inbox-exporter-tls": tls_secret("server"),
+        "inbox-exporter-clients-ca": {"ca.pem": clients.ca.read_text()},
+    }
+    mount = tmp_path / "web"
+    kubelet_project(volume, secrets, mount)
+    now = [0.0]
+    followed = WebConfigFile(str(mount / "web-config.yml"), clock=lambda: now[0])
+    first = followed.current()
+    assert first.tls is not None and first.tls.verify_mode == verify
+    assert first.tls.minimum_version >= ssl.TLSVersion.TLSv1_2
+    if values == ci("web"):
+        assert set(first.users) == {"prometheus"} and first.rate_burst == 20
+        assert dict(first.headers)["Strict-Transport-Security"] == "max-age=31536000"
+    # cert-manager renews: only the TLS Secret changes; the kubelet rewrites the whole volume
+    secrets["inbox-exporter-tls"] = tls_secret("server-renewed")
+    kubelet_project(volume, secrets, mount)
+    now[0] += 5
+    renewed = followed.current()
+    assert renewed is not first and renewed.tls is not first.tls, "certificate not re-read"
+
+
 # --- what must fail -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("setting", [
@@ -689,6 +951,18 @@ def test_pdb():
     "oauthTokens.persistentVolumeClaim.storageClass=fast",  # unknown (storageClassName)
     "oauthTokens.storage=hostPath",          # not an allowed value
     "oauthTokens.mountPath=/etc/inbox-exporter/oauth",  # inside the config volume
+    "oauthTokens.mountPath=/etc/inbox-exporter-web",  # the web volume
+    "web.enableLifecyle=true",               # unknown nested key (enableLifecycle)
+    "web.tls.secretname=tls",                # unknown nested key (secretName)
+    "web.tls.clientAuthType=RequireClientCert",  # not one the exporter serves
+    "web.tls.minVersion=TLS14",              # not a TLS version
+    "web.config.basic_auth_user.prometheus=x",  # unknown web config section (basic_auth_users)
+    "web.config.basic_auth_users.prometheus=hunter2",  # a plain password, not a bcrypt hash
+    "web.config.tls_server_config.cert_file=/x.pem",  # set by the chart from web.tls
+    "web.config.rate_limit.interval=often",  # not a duration
+    "serviceMonitor.tlsConfig.insecureSkipVerfy=true",  # unknown nested key
+    "serviceMonitor.tlsConfig.ca.secret.name=tls",  # a key reference without its key
+    "serviceMonitor.basicAuth.username.key=user",  # basic auth without a password
 ])
 def test_schema_rejects_typos(setting):
     proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION,
@@ -703,6 +977,31 @@ def test_inline_password_is_rejected():
                 "--set", "config.inboxes[0].password=hunter2", check=False)
     assert proc.returncode != 0 and "config.inboxes[sales]: an inline `password`" in proc.stderr, \
         proc.stderr
+
+
+@pytest.mark.parametrize("sets, message", [
+    (("web.tls.enabled=true",), "web.tls.enabled needs web.tls.secretName"),
+    (("web.tls.secretName=tls",), "web.tls.enabled is false"),
+    (("web.tls.enabled=true", "web.tls.secretName=tls",
+      "web.tls.clientAuthType=RequireAndVerifyClientCert"), "needs web.tls.clientCA.secretName"),
+    (("web.tls.enabled=true", "web.tls.secretName=tls", "web.tls.clientCA.secretName=ca"),
+     "web.tls.clientAuthType is NoClientCert"),
+    (("web.config.tls_server_config.max_version=TLS13",),
+     "web.config.tls_server_config needs web.tls.enabled"),
+    (("web.existingConfigSecret=web", "web.config.rate_limit.burst=5"),
+     "web.config and web.existingConfigSecret"),
+    (("serviceMonitor.enabled=true", "serviceMonitor.tlsConfig.serverName=x"),
+     "serviceMonitor.tlsConfig is set but web.tls.enabled is false"),
+], ids=["tls-without-secret", "secret-without-tls", "mtls-without-ca", "ca-without-client-auth",
+        "tls-server-config-without-tls", "config-and-existing-secret", "tlsconfig-over-http"])
+def test_web_values_the_exporter_would_refuse(sets, message):
+    """Combinations the exporter would refuse at start-up (or serve other than meant) fail
+    `helm template` with a line that says what to set."""
+    args = ["template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION]
+    for setting in sets:
+        args += ["--set", setting]
+    proc = helm(*args, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
 def test_termination_grace_must_exceed_the_shutdown_grace():

@@ -35,7 +35,7 @@ def test_a_check_is_one_small_record_and_reads_back_the_same(lab, tmp_path):
     finally:
         exporter.stop(5)
     entry = decode(encode(result))
-    assert ENTRY.size == 19
+    assert ENTRY.size == 20
     assert not entry.ok and entry.failing_step is Step.IMAP_LOGIN
     assert entry.reason is Reason.AUTH_FAILED and entry.started_at == int(result.started_at)
     login_ms = entry.step_ms[list(Step).index(Step.IMAP_LOGIN)]
@@ -56,7 +56,15 @@ def test_the_history_keeps_the_last_hundred_checks_oldest_first(lab, tmp_path):
     entries = history.entries("h")
     assert len(entries) == 100
     assert entries[0].started_at == 1_000_030 and entries[-1].started_at == 1_000_129
-    assert history.nbytes() == 100 * ENTRY.size
+    assert history.nbytes() == 100 * ENTRY.size  # all ok: nothing kept apart
+    failing = next(r for r in [result] if r.ok)
+    history.add("h", failing.__class__(**{**failing.__dict__, "started_at": 1, "steps": tuple(
+        s.__class__(s.step, s.status.__class__("failed"), s.duration_seconds,
+                    s.diagnosis) if s.step is Step.IMAP_LOGIN else s for s in failing.steps)}))
+    for i in range(100):  # the failure scrolls out of the ring into its own
+        history.add("h", result.__class__(**{**result.__dict__, "started_at": 2_000_000 + i}))
+    assert [e.started_at for e in history.older_failures("h")] == [1]
+    assert history.uptime("h") == 1.0
 
 
 def test_the_inbox_page_shows_the_failure_its_history_and_no_secret(daemon, lab, tmp_path):  # noqa: F811

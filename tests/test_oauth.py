@@ -407,7 +407,7 @@ def test_no_token_is_in_an_exception_a_failed_oauth_login_raised(lab, tmp_path, 
     Checker(tokens=tokens).check(oauth_inbox(lab, "bad-client", rt_file=rt,
                                              env={CLIENT_SECRET_ENV: secret + "x"}))
     assert len(seen) == 4
-    held = tokens.secrets() + [rt.read_text().strip(), secret]
+    held = [*tokens.secrets(), rt.read_text().strip(), secret]
     for exc in seen:
         text = "".join(traceback.format_exception(exc)) + repr(exc)
         for token in held:

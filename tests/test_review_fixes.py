@@ -144,10 +144,10 @@ def test_a_host_name_is_sent_to_dns_and_tls_in_its_idna_2008_form():
 
 
 def test_an_idn_host_connects_and_its_certificate_is_checked_against_the_a_label(lab, lab_inbox):
-    # Full-width "ｌｏｃａｌｈｏｓｔ" maps to "localhost" (UTS 46): a non-ASCII name that resolves
-    # here, served by the lab's certificate for DNS:localhost. Both the implicit-TLS (IMAPS)
-    # and the STARTTLS (submission) paths verify the name.
-    host = "ｌｏｃａｌｈｏｓｔ"
+    # "localhost" in full-width letters maps to "localhost" (UTS 46): a non-ASCII name that
+    # resolves here, served by the lab's certificate for DNS:localhost. Both the implicit-TLS
+    # (IMAPS) and the STARTTLS (submission) paths verify the name.
+    host = "ｌｏｃａｌｈｏｓｔ"  # noqa: RUF001 - full-width letters on purpose: the IDN under test
     result = CHECKER.check(lab_inbox(imap={"host": host}, smtp={"host": host}))
     assert result.ok, [(s.step.value, s.diagnosis) for s in result.failures]
     wrong = CHECKER.check(lab_inbox(imap={"host": host, "port": lab.ports.imaps_wronghost},

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import errors
 from .classify import Context, classify
@@ -26,9 +27,12 @@ from .model import CheckResult, Diagnosis, Phase, Status, Step, StepResult
 from .oauth.tokens import TokenCache
 from .probe_id import ProbeKey
 from .probes.base import Probe, converse
-from .transcript import Transcript
 from .probes.imap import ImapProbe
 from .probes.smtp import SmtpProbe
+from .transcript import Transcript
+
+if TYPE_CHECKING:
+    from .runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ class Leg:
 class Plan:
     """A check of one inbox in two legs; `assemble` makes the result once both have ended."""
 
-    def __init__(self, checker: "Checker", inbox: Inbox, probe_id: str,
+    def __init__(self, checker: Checker, inbox: Inbox, probe_id: str,
                  hold_test_email: str | None):
         self.inbox, self.probe_id = inbox, probe_id
         self._checker = checker
@@ -143,7 +147,7 @@ class Checker:
                 self.limits.release(slot)
         return plan.assemble(*done)
 
-    def check_async(self, runner, inbox: Inbox, on_result: Callable[[CheckResult], None],
+    def check_async(self, runner: Runner, inbox: Inbox, on_result: Callable[[CheckResult], None],
                     hold_test_email: str | None = None, expires_in: float | None = None,
                     on_start: Callable[[float], None] = lambda waited: None) -> None:
         """Queue both legs on `runner` (see runner.py); `on_result` gets the check once both
@@ -163,12 +167,16 @@ class Checker:
             on_result(plan.assemble(ended["imap"], ended["smtp"]))
 
         expires_at = self.clock() + (expires_in or inbox.interval)
-        for leg in plan.legs:
+
+        def submit(leg: Leg) -> None:
             runner.submit(Job(
                 leg.protocol, leg.host, leg.identities,
-                run=lambda leg=leg: end(leg.protocol, leg.run()),
-                expire=lambda why, leg=leg: end(leg.protocol, leg.not_run(why)),
+                run=lambda: end(leg.protocol, leg.run()),
+                expire=lambda why: end(leg.protocol, leg.not_run(why)),
                 expires_at=expires_at, on_start=on_start, abort=leg.abort))
+
+        for leg in plan.legs:
+            submit(leg)
 
     # --- one chain ---------------------------------------------------------------------------
 

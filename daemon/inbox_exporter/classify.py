@@ -54,7 +54,7 @@ class Rule:
     errors: tuple[type[BaseException], ...] | None = None  # any exception in the chain
     text: str | None = None  # regex, case-insensitive, searched in all the chain's messages
 
-    def matches(self, ev: "Evidence") -> bool:
+    def matches(self, ev: Evidence) -> bool:
         return ((self.steps is None or ev.step in self.steps)
                 and (self.phases is None or ev.phase in self.phases)
                 and (self.errors is None or any(isinstance(e, self.errors) for e in ev.chain))
@@ -170,7 +170,8 @@ class Evidence:
 
 
 def exception_chain(exc: BaseException) -> tuple[BaseException, ...]:
-    chain, seen = [], set()
+    chain: list[BaseException] = []
+    seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen and len(chain) < 10:
         chain.append(e)
@@ -398,18 +399,18 @@ def render_docs() -> str:
     lines += ["", "## The rules, in order (first match wins)", "",
               "| # | steps | phases | errors | reply matches | category | reason |",
               "|---|---|---|---|---|---|---|"]
-    for n, r in enumerate(RULES, 1):
-        steps = ", ".join(sorted(s.value for s in r.steps)) if r.steps else "any"
-        phases = ", ".join(sorted(p.value for p in r.phases)) if r.phases else "any"
-        errs = ", ".join(e.__name__ for e in r.errors) if r.errors else "any"
-        text = f"`{r.text}`".replace("|", "\\|") if r.text else "any"
-        if r.category is None:
+    for n, rule in enumerate(RULES, 1):
+        steps = ", ".join(sorted(s.value for s in rule.steps)) if rule.steps else "any"
+        phases = ", ".join(sorted(p.value for p in rule.phases)) if rule.phases else "any"
+        errs = ", ".join(e.__name__ for e in rule.errors) if rule.errors else "any"
+        text = f"`{rule.text}`".replace("|", "\\|") if rule.text else "any"
+        if rule.category is None:
             cat = "the step's"
-        elif isinstance(r.category, Category):
-            cat = f"`{r.category.value}`"
+        elif isinstance(rule.category, Category):
+            cat = f"`{rule.category.value}`"
         else:
-            cat = " / ".join(f"`{c.value}`" for c in r.category.values())
-        lines.append(f"| {n} | {steps} | {phases} | {errs} | {text} | {cat} | `{r.reason.value}` |")
+            cat = " / ".join(f"`{c.value}`" for c in rule.category.values())
+        lines.append(f"| {n} | {steps} | {phases} | {errs} | {text} | {cat} | `{rule.reason.value}` |")
     lines += ["", "Without a more specific row, the category is the step's: "
               + ", ".join(f"`{s.value}` → `{c.value}`" for s, c in STEP_CATEGORY.items()) + ".", ""]
     return "\n".join(lines)

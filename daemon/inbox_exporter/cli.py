@@ -9,13 +9,13 @@ from dataclasses import replace
 
 from . import __version__, logs
 from .check import Checker
+from .config import Config, ConfigError, Inbox, load_config, parse_duration
 from .confirm import DeliveryConfirmer
-from .config import ConfigError, load_config, parse_duration
 from .limits import ConnectionLimits
-from .model import Status, Step, StepResult
+from .model import CheckResult, Status, Step, StepResult
 from .oauth.tokens import TokenCache
-from .probe_id import load_or_create
 from .output import render_json, render_text
+from .probe_id import load_or_create
 
 EXIT_OK, EXIT_FAILING, EXIT_CONFIG = 0, 1, 2
 DEFAULT_LISTEN = ":9857"
@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level, args.log_format)
     if args.command == "run":
         from .run import run
-
         from .web import WebOptions
 
         web = WebOptions(enable_probe=args.enable_probe, enable_lifecycle=args.enable_lifecycle,
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     return _check(config, args)
 
 
-def _oauth_login(args) -> int:
+def _oauth_login(args: argparse.Namespace) -> int:
     from .oauth.login import LoginError, login
 
     try:
@@ -136,7 +135,7 @@ def _oauth_login(args) -> int:
     return EXIT_OK
 
 
-def _check(config, args) -> int:
+def _check(config: Config, args: argparse.Namespace) -> int:
     inboxes = config.inboxes
     if args.inbox:
         unknown = sorted(set(args.inbox) - {i.name for i in inboxes})
@@ -155,7 +154,7 @@ def _check(config, args) -> int:
     confirmer = DeliveryConfirmer(limits, on_result=lambda inbox, result: None, tokens=tokens,
                                   probe_key=key)
 
-    def check(inbox):
+    def check(inbox: Inbox) -> CheckResult:
         result = checker.check(inbox, hold_test_email=None if args.send_test_email
                                else "not sent: --no-test-email")
         if result.sent_at is not None and inbox.test_email_cleanup_sent:

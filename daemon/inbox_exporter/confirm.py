@@ -27,6 +27,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+from imapclient import IMAPClient
+
 from . import errors
 from .classify import Context, classify
 from .config import Inbox
@@ -67,7 +69,7 @@ class DeliveryResult:
 class _Pending:
     due: float
     seq: int
-    inbox: Inbox = None  # type: ignore[assignment]
+    inbox: Inbox
     probe_id: str = ""
     accepted_at: float = 0.0
     deadline: float = 0.0
@@ -82,7 +84,7 @@ def watched(inbox: Inbox) -> Inbox:
     return replace(inbox, imap=d.imap, username=d.username, password=d.password, oauth=d.oauth)
 
 
-def _logged_in(inbox: Inbox, probe: ImapProbe):
+def _logged_in(inbox: Inbox, probe: ImapProbe) -> IMAPClient:
     """The watched account's session, for a poll or the sweep (the slot is held)."""
     probe.connect(inbox.timeout)
     probe.login(inbox.timeout)
@@ -172,7 +174,7 @@ class DeliveryConfirmer:
             now = self._clock()
             result = self.poll_once(p.inbox, p.probe_id, p.accepted_at, final=now >= p.deadline,
                                     idle_for=min(IDLE_WINDOW, p.deadline - now))
-        except Exception:  # noqa: BLE001 - our bug: report it, do not lose the worker
+        except Exception:  # our bug: report it, do not lose the worker
             log.exception("delivery poll crashed", extra={"inbox": p.inbox.name})
             return
         if result is None:
@@ -276,7 +278,8 @@ class DeliveryConfirmer:
         return delivery.remove(client, sent, probe_id, delivery.trash_folder(client),
                                self.probe_key)
 
-    def _search(self, client, folders: list[str], probe_id: str) -> list[tuple[str, delivery.Found]]:
+    def _search(self, client: IMAPClient, folders: list[str],
+                probe_id: str) -> list[tuple[str, delivery.Found]]:
         out = []
         for folder in dict.fromkeys(folders):
             found = delivery.find(client, folder, probe_id, self.probe_key)

@@ -20,25 +20,26 @@ from prometheus_client import CollectorRegistry
 
 from .alerts.pipeline import AlertPipeline
 from .check import Checker
-from .confirm import DeliveryConfirmer
 from .config import Config, ConfigError, Inbox, load_config
+from .confirm import DeliveryConfirmer, DeliveryResult
 from .deadline import WATCHDOG
-from .limits import ConnectionLimits
-from .history import History
-from .storage import HistoryStorage
 from .exposition import InboxExposition, deflate, gzip_member
+from .history import History
+from .limits import ConnectionLimits
 from .metrics import ExporterMetrics, render_inbox
 from .model import CheckResult
-from .ondemand import OnDemand
-from .scheduler import Scheduler
-from .status import inbox_status
-from .svg import strip, uptime
-from .transcript import unpack
 from .oauth.tokens import TokenCache
+from .ondemand import OnDemand
 from .probe_id import load_or_create
+from .providers import Endpoint
 from .runner import Runner
+from .scheduler import Scheduler
 from .sharding import Shard
-from .store import Store
+from .status import SHOWN, inbox_status
+from .storage import HistoryStorage
+from .store import InboxState, Store
+from .svg import run_strip
+from .transcript import unpack
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +47,20 @@ log = logging.getLogger(__name__)
 
 class Exporter:
     def __init__(self, config_path: str, registry: CollectorRegistry | None = None,
-                 environ: Mapping[str, str] | None = None, shard: Shard = Shard(),
+                 environ: Mapping[str, str] | None = None, shard: Shard | None = None,
                  storage_path: str | None = None):
         self.config_path = config_path
         self._environ = environ
-        self.shard = shard
+        self.shard = shard or Shard()
         self.registry = registry or CollectorRegistry()
         self.metrics = ExporterMetrics(self.registry)
         self.store = Store()
         self.history = History()
+        self._strips: dict[str, tuple[int, str]] = {}  # name -> (history version, svg)
         self.storage = HistoryStorage(storage_path, self.history) if storage_path else None
-        self.config: Config | None = None
         self._reload_lock = threading.Lock()
         config = self._load()  # raises ConfigError: a bad config at start-up is fatal
+        self.config: Config = config
         self.limits = ConnectionLimits(config.checks.max_connections_per_host)
         # One per process: checks and delivery polls share tokens.
         self.tokens = TokenCache(
@@ -75,7 +77,7 @@ class Exporter:
         self.metrics.connections.set_function(lambda: self.runner.running)
         self.scheduler = Scheduler(self.store, self.checker, self.metrics, self.runner,
                                    auth_failure_max_interval=config.checks.auth_failure_max_interval,
-                                   on_error=sentry_sdk.capture_exception,  # no-op without a DSN
+                                   on_error=_report,  # to Sentry: a no-op without a DSN
                                    backoff_after=config.alerting.failure_threshold,
                                    on_sent=self._sent)
         self.exposition = InboxExposition(config.metrics.expose_email)
@@ -85,15 +87,16 @@ class Exporter:
         self.store.on_record(self.alerts.on_record)
         # /metrics is rendered (and compressed) as results arrive, not when Prometheus asks.
         self.store.on_record(lambda _old, new: self.exposition.update(new))
-        self.store.on_record(lambda _old, new: new.last and self.history.add(new.inbox.name,
-                                                                             new.last))
+        self.store.on_record(self._remember)
         self._adopt(config)
+
+    def _remember(self, _old: InboxState | None, new: InboxState) -> None:
+        if new.last is not None:
+            self.history.add(new.inbox.name, new.last)
 
     def _secrets(self) -> list[str]:
         """Everything the Sentry scrubber must never let through."""
         config = self.config
-        if config is None:
-            return []
         out = [s for inbox in config.inboxes for s in inbox.secrets()]
         out += [config.probe_key.get_secret_value()] if config.probe_key else []
         return out + list(config.alerting.secrets()) + self.tokens.secrets()
@@ -117,14 +120,13 @@ class Exporter:
         if inbox.test_email_cleanup_sent:
             self.confirmer.expect_sent_copy(inbox, result.probe_id, result.sent_at)
 
-    def _delivered(self, inbox, result) -> None:
+    def _delivered(self, inbox: Inbox, result: DeliveryResult) -> None:
         state = self.store.record_delivery(result, inbox)
         self.exposition.update(state)
         if state is not None and result.step.status.value == "ok":
             self.metrics.observe_delivery(result.step.duration_seconds, inbox.provider)
 
     def start(self) -> None:
-        assert self.config is not None
         if self.storage is not None:
             restored = self.storage.load()
             self.history.keep(i.name for i in self.config.inboxes)
@@ -134,7 +136,7 @@ class Exporter:
         self.scheduler.apply(self.config)
         self.exposition.layout(self.store.snapshot())
         # Stale probe mails of ours (a crash, a restart mid-delivery): once per watched mailbox.
-        accounts = {}
+        accounts: dict[tuple[Endpoint, str], Inbox] = {}
         for inbox in self.config.inboxes:
             if inbox.delivery is not None:
                 accounts.setdefault((inbox.delivery.imap, inbox.delivery.username), inbox)
@@ -192,26 +194,39 @@ class Exporter:
     def statuses(self) -> list[dict]:
         out = []
         for s in self.store.snapshot():
-            status = inbox_status(s, self.scheduler.next_run(s.inbox.name))
-            up = uptime(self.history.entries(s.inbox.name))
+            name = s.inbox.name
+            status = inbox_status(s, self.scheduler.next_run(name),
+                                  self.history.entries(name, last=SHOWN),
+                                  self.history.older_failures(name))
+            up = self.history.uptime(name)
             status["uptime"] = None if up is None else round(up, 4)
             out.append(status)
         return out
 
     def strips(self) -> dict[str, str]:
-        """Each inbox's history strip for the status page (runs merged: one element per run)."""
-        return {s.inbox.name: strip(self.history.entries(s.inbox.name), cell=3, merge=True)
-                for s in self.store.snapshot()}
+        """Each inbox's history strip for the status page (runs merged: one element per run),
+        drawn again only when the inbox has a new check."""
+        out = {}
+        for s in self.store.snapshot():
+            name, version = s.inbox.name, self.history.version(s.inbox.name)
+            hit = self._strips.get(name)
+            if hit is None or hit[0] != version:
+                hit = (version, run_strip(self.history.runs(name)))
+                self._strips[name] = hit
+            out[name] = hit[1]
+        return out
 
     def inbox(self, name: str) -> tuple[dict, list, dict[str, str | None]] | None:
         """One inbox's page: its status, its history entries, its transcripts."""
         state = self.store.get(name)
         if state is None:
             return None
-        status = inbox_status(state, self.scheduler.next_run(name))
+        entries = self.history.entries(name)
+        status = inbox_status(state, self.scheduler.next_run(name), entries,
+                              self.history.older_failures(name))
         last = state.last.transcript if state.last else None
         failure = state.failure_transcript
-        return status, self.history.entries(name), {
+        return status, entries, {
             "last": unpack(last), "last_failure": None if failure is last else unpack(failure)}
 
     def probe_body(self, name: str) -> str:
@@ -233,6 +248,10 @@ class Exporter:
 
     def ready(self) -> bool:
         return self.config is not None
+
+
+def _report(error: BaseException) -> None:
+    sentry_sdk.capture_exception(error)
 
 
 def release_memory() -> None:

@@ -1,10 +1,12 @@
 """The last HISTORY checks of every inbox, compact: what the status page's strips, uptime and
 latency sparklines are drawn from, and what `--storage.path` keeps across restarts.
 
-One check is one fixed-size record (ENTRY, 19 bytes): when it started, whether it passed, the
-first failing step and its reason, and each step's duration in milliseconds. An inbox's history
-is one bytearray of at most HISTORY records, oldest first: 1.9 KB an inbox, 19 MB at 10,000
-inboxes, against ~100 MB as Python objects.
+One check is one fixed-size record (ENTRY, 20 bytes): when it started, whether it passed, the
+first failing step, its category and reason, and each step's duration in milliseconds. An
+inbox's history is one bytearray of at most HISTORY records, oldest first: 2 KB an inbox, 20 MB
+at 10,000 inboxes, against ~100 MB as Python objects. Failures that scroll out of it are kept
+apart (the last FAILURES of them, as blackbox_exporter does): what went wrong last week stays
+visible after a week of successes.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .model import ALL_STEPS, CheckResult, Reason, Status, Step
+from .model import ALL_STEPS, Category, CheckResult, Reason, Status, Step
 
 HISTORY = 100
-# started_at (s, uint32: good until 2106), ok, failing step (255: none), reason (255: none),
+FAILURES = 20
+# started_at (s, uint32: good until 2106), ok, failing step, category, reason (255: none),
 # then one uint16 of milliseconds per step (65535: skipped)
-ENTRY = struct.Struct("<IBBB" + "H" * len(ALL_STEPS))
+ENTRY = struct.Struct("<IBBBB" + "H" * len(ALL_STEPS))
+_KEY = struct.Struct(f"<I4s{ENTRY.size - 8}x")  # started_at, and the outcome bytes only
 _REASONS = list(Reason)
+_CATEGORIES = list(Category)
 _NONE = 255
 _SKIPPED = 0xFFFF
 
@@ -30,6 +35,7 @@ class Entry:
     started_at: int
     ok: bool
     failing_step: Step | None
+    category: Category | None
     reason: Reason | None
     step_ms: tuple[int | None, ...]  # per ALL_STEPS; None: skipped
 
@@ -40,7 +46,7 @@ class Entry:
 
 def encode(result: CheckResult) -> bytes:
     first = result.failures[0] if result.failures else None
-    reason = first.diagnosis.reason if first is not None and first.diagnosis else None
+    d = first.diagnosis if first is not None else None
     durations = []
     for step in ALL_STEPS:
         s = result.step(step)
@@ -48,20 +54,37 @@ def encode(result: CheckResult) -> bytes:
                          else min(round(s.duration_seconds * 1000), _SKIPPED - 1))
     return ENTRY.pack(int(result.started_at), result.ok,
                       ALL_STEPS.index(first.step) if first is not None else _NONE,
-                      _REASONS.index(reason) if reason is not None else _NONE, *durations)
+                      _CATEGORIES.index(d.category) if d is not None else _NONE,
+                      _REASONS.index(d.reason) if d is not None else _NONE, *durations)
 
 
 def decode(record: bytes) -> Entry:
-    started, ok, step, reason, *ms = ENTRY.unpack(record)
+    started, ok, step, category, reason, *ms = ENTRY.unpack(record)
     return Entry(started, bool(ok), ALL_STEPS[step] if step < len(ALL_STEPS) else None,
+                 _CATEGORIES[category] if category < len(_CATEGORIES) else None,
                  _REASONS[reason] if reason < len(_REASONS) else None,
                  tuple(None if m == _SKIPPED else m for m in ms))
+
+
+@dataclass
+class Run:
+    """Consecutive checks with the same outcome (ok, or the same step failing the same way)."""
+
+    first: Entry
+    last_started_at: int
+    count: int
+
+
+def _decode_all(ring: bytes) -> list[Entry]:
+    return [decode(ring[i:i + ENTRY.size]) for i in range(0, len(ring), ENTRY.size)]
 
 
 class History:
     def __init__(self, size: int = HISTORY):
         self.size = size
         self._rings: dict[str, bytearray] = {}
+        self._failures: dict[str, bytearray] = {}  # failures scrolled out of the ring
+        self._versions: dict[str, int] = {}  # bumped by every add: lets pages cache drawings
         self._dirty: set[str] = set()  # changed since the last take_dirty() (persistence)
         self._lock = threading.Lock()
 
@@ -70,16 +93,54 @@ class History:
         with self._lock:
             ring = self._rings.setdefault(name, bytearray())
             ring += record
+            self._versions[name] = self._versions.get(name, 0) + 1
             excess = len(ring) - self.size * ENTRY.size
             if excess > 0:
+                for i in range(0, excess, ENTRY.size):
+                    if not ring[i + 4]:  # the ok byte: a failure scrolls into its own ring
+                        kept = self._failures.setdefault(name, bytearray())
+                        kept += ring[i:i + ENTRY.size]
+                        del kept[:max(0, len(kept) - FAILURES * ENTRY.size)]
                 del ring[:excess]
             self._dirty.add(name)
 
-    def entries(self, name: str) -> list[Entry]:
-        """Oldest first."""
+    def entries(self, name: str, last: int | None = None) -> list[Entry]:
+        """Oldest first; only the `last` ones when given (no more decoded than shown)."""
+        with self._lock:
+            ring = self._rings.get(name, b"")
+            ring = bytes(ring if last is None else ring[-last * ENTRY.size:])
+        return _decode_all(ring)
+
+    def runs(self, name: str) -> list[Run]:
+        """The ring as runs, oldest first; only the first record of each run is decoded (the
+        status page draws 10,000 of these)."""
         with self._lock:
             ring = bytes(self._rings.get(name, b""))
-        return [decode(ring[i:i + ENTRY.size]) for i in range(0, len(ring), ENTRY.size)]
+        runs: list[Run] = []
+        previous = None
+        for i, (started, key) in enumerate(_KEY.iter_unpack(ring)):
+            if key == previous:
+                runs[-1].last_started_at = started
+                runs[-1].count += 1
+            else:
+                runs.append(Run(decode(ring[i * ENTRY.size:(i + 1) * ENTRY.size]), started, 1))
+                previous = key
+        return runs
+
+    def version(self, name: str) -> int:
+        return self._versions.get(name, 0)
+
+    def older_failures(self, name: str) -> list[Entry]:
+        """Failures that scrolled out of the ring, oldest first."""
+        with self._lock:
+            ring = bytes(self._failures.get(name, b""))
+        return _decode_all(ring)
+
+    def uptime(self, name: str) -> float | None:
+        """The share of ok checks, from the ok bytes alone (no record decoded)."""
+        with self._lock:
+            oks = bytes(self._rings.get(name, b"")[4::ENTRY.size])
+        return sum(oks) / len(oks) if oks else None
 
     def keep(self, names: Iterable[str]) -> None:
         """A reload: inboxes no longer configured lose their history."""
@@ -87,6 +148,7 @@ class History:
         with self._lock:
             for name in self._rings.keys() - wanted:
                 del self._rings[name]
+                self._failures.pop(name, None)
                 self._dirty.add(name)
 
     # --- persistence (storage.py) --------------------------------------------------------
@@ -105,8 +167,9 @@ class History:
         with self._lock:
             ring = bytearray(records) + self._rings.get(name, bytearray())  # older first
             self._rings[name] = ring[-self.size * ENTRY.size:]
+            self._versions[name] = self._versions.get(name, 0) + 1
         return True
 
     def nbytes(self) -> int:
         with self._lock:
-            return sum(len(r) for r in self._rings.values())
+            return sum(len(r) for r in (*self._rings.values(), *self._failures.values()))

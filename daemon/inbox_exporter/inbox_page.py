@@ -19,7 +19,8 @@ from .status import PAGE_CSS, content_security_policy, human, latency, shell
 
 INBOX_CSS = """
 .card{background:#fff;border:1px solid var(--line);padding:.8rem 1rem;margin:0 0 1rem}
-.card h2{font-size:1.05rem;margin:0 0 .5rem}dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem;margin:0}
+.card h2{font-size:1.05rem;margin:0 0 .5rem}\
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem;margin:0}
 dt{color:#57606a}dd{margin:0}pre{white-space:pre-wrap;word-break:break-all;font-size:.8rem;background:#f6f8fa;
 padding:.6rem;border:1px solid var(--line);max-height:40rem;overflow:auto}
 .backoff{border-left:4px solid #bf8700}
@@ -61,7 +62,7 @@ def render_html(s: dict, entries: list[Entry], transcripts: dict[str, str | None
     certs = "".join(f"<dt>{e(c['protocol'])}</dt><dd>{'trusted' if c['trusted'] else 'NOT trusted'}"
                     f", expires {e(human(c['expires']) or '?')}</dd>" for c in s["certificates"])
     history = ""
-    if entries:
+    if up is not None:  # there are entries
         history = (f"<div class=card><h2>Last {len(entries)} checks</h2>"
                    f"<p>uptime {up * 100:.1f} %</p>{svg.strip(entries, cell=6, height=20)}"
                    f"<p class=muted>check time, all steps</p>{svg.sparkline(entries)}</div>")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import TextIO
 
 from .redact import redact_urls
 
@@ -18,7 +19,7 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:
     fields: dict[str, object] = {
-        "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+        "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
         "level": record.levelname.lower(),
         "logger": record.name,
         "msg": record.getMessage(),
@@ -49,7 +50,7 @@ def _quote(value: object) -> str:
     return json.dumps(text)
 
 
-def setup(level: str = "info", fmt: str = "logfmt", stream=sys.stderr) -> None:
+def setup(level: str = "info", fmt: str = "logfmt", stream: TextIO = sys.stderr) -> None:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JSONFormatter() if fmt == "json" else LogfmtFormatter())
     root = logging.getLogger()

@@ -17,8 +17,7 @@ from __future__ import annotations
 import math
 import platform
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
-                               disable_created_metrics)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
 from . import __version__
@@ -36,21 +35,34 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 
 # name -> (type, help). The order is the exposition order.
 INBOX_FAMILIES: dict[str, tuple[str, str]] = {
     "inbox_info": ("gauge", "Configured inbox (value 1); labels describe it."),
-    "inbox_check_success": ("gauge", "1 if the last completed check passed every step that ran, 0 if not; NaN before the first check."),
+    "inbox_check_success": ("gauge", (
+        "1 if the last completed check passed every step that ran, 0 if not; NaN before the first check.")),
     "inbox_check_duration_seconds": ("gauge", "Wall time of the last completed check."),
-    "inbox_check_interval_seconds": ("gauge", "Current interval between checks (longer while backing off after credential failures)."),
+    "inbox_check_interval_seconds": ("gauge", (
+        "Current interval between checks (longer while backing off after credential failures).")),
     "inbox_last_check_timestamp_seconds": ("gauge", "Unix time the last completed check started."),
     "inbox_last_success_timestamp_seconds": ("gauge", "Unix time the last successful check started."),
     "inbox_consecutive_failures": ("gauge", "Failed checks in a row (0 after a success)."),
-    "inbox_step_success": ("gauge", "1 if the step passed in the last check, 0 if it failed, NaN if it was skipped or has not run."),
+    "inbox_step_success": ("gauge", (
+        "1 if the step passed in the last check, 0 if it failed, NaN if it was skipped or has not run.")),
     "inbox_step_duration_seconds": ("gauge", "Wall time of the step in the last check; NaN if skipped."),
-    "inbox_failure_info": ("gauge", "The current failure of a step (value 1), with its category and reason; absent when the step is not failing."),
+    "inbox_failure_info": ("gauge", (
+        "The current failure of a step (value 1), with its category and reason; absent when the step is "
+        "not failing.")),
     "inbox_check_failures_total": ("counter", "Failed checks, by category and reason of their failures."),
-    "inbox_tls_certificate_expiry_timestamp_seconds": ("gauge", "Unix time the server certificate seen in the last check expires."),
-    "inbox_test_email_last_sent_timestamp_seconds": ("gauge", "Unix time the SMTP server last accepted this inbox's test email (sent at most every test_email.interval)."),
-    "inbox_delivery_success": ("gauge", "1 if the last test email was found in the watched mailbox's folders in time, 0 if not (timeout, Junk, watcher error); NaN until the first confirmation. Only for inboxes with `delivery`."),
-    "inbox_delivery_duration_seconds": ("gauge", "Time from the SMTP server accepting the last test email to finding it."),
-    "inbox_tls_certificate_trusted": ("gauge", "1 if the server certificate seen in the last check was verified, 0 if not (or verification was disabled)."),
+    "inbox_tls_certificate_expiry_timestamp_seconds": ("gauge", (
+        "Unix time the server certificate seen in the last check expires.")),
+    "inbox_test_email_last_sent_timestamp_seconds": ("gauge", (
+        "Unix time the SMTP server last accepted this inbox's test email (sent at most every "
+        "test_email.interval).")),
+    "inbox_delivery_success": ("gauge", (
+        "1 if the last test email was found in the watched mailbox's folders in time, 0 if not (timeout, "
+        "Junk, watcher error); NaN until the first confirmation. Only for inboxes with `delivery`.")),
+    "inbox_delivery_duration_seconds": ("gauge", (
+        "Time from the SMTP server accepting the last test email to finding it.")),
+    "inbox_tls_certificate_trusted": ("gauge", (
+        "1 if the server certificate seen in the last check was verified, 0 if not (or verification was "
+        "disabled).")),
 }
 
 
@@ -72,7 +84,7 @@ def render_inbox(state: InboxState, expose_email: bool = False) -> dict[str, str
     name = _escape(inbox.name)
     lines: dict[str, list[str]] = {f: [] for f in INBOX_FAMILIES}
 
-    def add(family: str, value, **labels: str) -> None:
+    def add(family: str, value: float | bool | None, **labels: str) -> None:
         extra = "".join(f',{k}="{_escape(str(v))}"' for k, v in labels.items())
         lines[family].append(f'{family}{{inbox="{name}"{extra}}} {_num(value)}\n')
 
@@ -91,9 +103,9 @@ def render_inbox(state: InboxState, expose_email: bool = False) -> dict[str, str
     steps = {s.step: s for s in last.steps} if last else {}
     for step in ALL_STEPS:
         result = steps.get(step)
-        ran = result is not None and result.status is not Status.SKIPPED
-        add("inbox_step_success", result.status is Status.OK if ran else None, step=step.value)
-        add("inbox_step_duration_seconds", result.duration_seconds if ran else None,
+        ran = result if result is not None and result.status is not Status.SKIPPED else None
+        add("inbox_step_success", ran.status is Status.OK if ran else None, step=step.value)
+        add("inbox_step_duration_seconds", ran.duration_seconds if ran else None,
             step=step.value)
         if result is not None and result.diagnosis is not None:
             add("inbox_failure_info", 1, step=step.value, category=result.diagnosis.category.value,

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .model import CheckResult
 from .scheduler import Scheduler
@@ -75,7 +75,7 @@ class OnDemand:
         until, wait = "", None
         if next_run is not None:
             wait = max(1.0, next_run - self._wall())
-            until = " until " + datetime.fromtimestamp(next_run, timezone.utc).strftime(
+            until = " until " + datetime.fromtimestamp(next_run, UTC).strftime(
                 "%Y-%m-%d %H:%M:%S UTC")
         why = ", ".join(reasons) or "a credential failure"
         return Refusal(429, f"the inbox is backing off after {why}{until}: an on-demand check "

@@ -46,7 +46,7 @@ class ProbeKey:
         return m is not None and hmac.compare_digest(m.group(2), self._tag(m.group(1)))
 
     @classmethod
-    def from_text(cls, text: str) -> "ProbeKey":
+    def from_text(cls, text: str) -> ProbeKey:
         """A key as written in its file or variable: hex (64 chars), or any secret text."""
         text = text.strip()
         try:
@@ -56,7 +56,7 @@ class ProbeKey:
         return cls(raw if len(raw) >= 16 else hashlib.sha256(text.encode()).digest())
 
     @classmethod
-    def generate(cls) -> "ProbeKey":
+    def generate(cls) -> ProbeKey:
         return cls(secrets.token_bytes(KEY_BYTES))
 
     def to_text(self) -> str:

@@ -11,7 +11,10 @@ REDACTED = "<redacted>"
 
 
 # A server may echo the command it refuses: never show what follows AUTH or LOGIN <user>.
-_COMMANDS = re.compile(r"""(\bAUTH(?:ENTICATE)?\s+[A-Z0-9-]+\s+)\S+|(\bLOGIN\s+(?:"(?:[^"\\]|\\.)*"|\S+)\s+)("(?:[^"\\]|\\.)*"|\S+)""", re.I)
+_COMMANDS = re.compile(
+    r"""(\bAUTH(?:ENTICATE)?\s+[A-Z0-9-]+\s+)\S+"""  # AUTH <mechanism> <initial response>
+    r"""|(\bLOGIN\s+(?:"(?:[^"\\]|\\.)*"|\S+)\s+)("(?:[^"\\]|\\.)*"|\S+)""",  # LOGIN <user> <password>
+    re.I)
 
 
 def _forms(secret: str) -> set[str]:

@@ -145,7 +145,7 @@ class Runner:
         try:
             job.on_start(self._clock() - job.queued_at)
             job.run()
-        except Exception:  # noqa: BLE001 - our bug: logged, the worker and the slot survive
+        except Exception:  # our bug: logged, the worker and the slot survive
             log.exception("connection job crashed", extra={"host": job.host})
         finally:
             self.limits.release(slot)
@@ -178,5 +178,5 @@ class Runner:
                     job.expire("not run: no connection slot was free before the next run was due: "
                                "the server is at checks.max_connections_per_host or the account "
                                "is in use (a slow or hanging server, or shared accounts)")
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("expiring a job crashed", extra={"host": job.host})

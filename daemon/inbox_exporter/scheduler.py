@@ -21,9 +21,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -69,7 +69,7 @@ class Scheduler:
         self._sched = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=2)},  # jobs only enqueue
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-            timezone=timezone.utc)
+            timezone=UTC)
         self._sched.add_listener(self._on_event, EVENT_JOB_MISSED | EVENT_JOB_ERROR)
         self._inboxes: dict[str, Inbox] = {}
         self._anchor: dict[str, tuple[float, float]] = {}  # name -> (first run, interval)
@@ -126,7 +126,7 @@ class Scheduler:
         interval = interval or inbox.interval
         first = time.time() + delay
         self._anchor[inbox.name] = (first, interval)
-        start = datetime.fromtimestamp(first, timezone.utc)
+        start = datetime.fromtimestamp(first, UTC)
         self._sched.add_job(self._run, IntervalTrigger(seconds=interval, start_date=start),
                             args=(inbox,), id=inbox.name, name=inbox.name,
                             replace_existing=True)
@@ -169,7 +169,7 @@ class Scheduler:
         # interval later.
         if last is None or now - last >= inbox.test_email_interval - inbox.interval / 2:
             return None
-        sent = datetime.fromtimestamp(last, timezone.utc).strftime("%H:%M:%S UTC")
+        sent = datetime.fromtimestamp(last, UTC).strftime("%H:%M:%S UTC")
         return (f"not due: last sent at {sent}; sent at most every "
                 f"{inbox.test_email_interval:g}s (test_email.interval)")
 
@@ -181,7 +181,7 @@ class Scheduler:
             self._busy.add(inbox.name)
         self.metrics.in_flight.inc()
         submitted = time.time()
-        started = []
+        started: list[bool] = []
 
         def on_start(waited: float) -> None:
             if not started:  # the first leg to start: the check's lateness
@@ -191,7 +191,7 @@ class Scheduler:
         def on_result(result: CheckResult) -> None:
             try:
                 self._record(inbox, result)
-            except Exception as e:  # noqa: BLE001 - our bug: reported, the inbox keeps going
+            except Exception as e:
                 log.exception("recording a check crashed", extra={"inbox": inbox.name})
                 if self._on_error:
                     self._on_error(e)
@@ -246,7 +246,7 @@ class Scheduler:
             return None
         return job.next_run_time.timestamp()
 
-    def _on_event(self, event) -> None:
+    def _on_event(self, event: JobExecutionEvent) -> None:
         if event.code == EVENT_JOB_MISSED:
             self.metrics.skipped.inc()
         elif event.code == EVENT_JOB_ERROR:

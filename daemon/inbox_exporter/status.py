@@ -11,14 +11,16 @@ import hashlib
 import html
 import json
 import time
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 
-from .model import Status
+from .history import Entry
+from .model import Diagnosis, Status
 from .store import InboxState
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 def human(iso: str | None) -> str | None:
@@ -32,9 +34,16 @@ def state_word(state: InboxState) -> str:
     return "ok" if state.last.ok else "failing"
 
 
-def inbox_status(state: InboxState, next_run: float | None) -> dict:
+SHOWN = 20  # recent checks in a status's "history" (the page per inbox shows all 100)
+
+
+def inbox_status(state: InboxState, next_run: float | None, recent: Sequence[Entry] = (),
+                 older_failures: Sequence[Entry] = ()) -> dict:
+    """`recent`: the inbox's history entries, oldest first; `older_failures`: those that
+    scrolled out of it."""
     last = state.last
     first_failure = last.failures[0] if last and last.failures else None
+    diagnosis = first_failure.diagnosis if first_failure else None
     return {
         "name": state.inbox.name,
         "provider": state.inbox.provider,
@@ -46,12 +55,12 @@ def inbox_status(state: InboxState, next_run: float | None) -> dict:
         "state": state_word(state),
         "ok": None if last is None else last.ok,
         "failing_step": first_failure.step.value if first_failure else None,
-        "category": first_failure.diagnosis.category.value if first_failure else None,
-        "reason": first_failure.diagnosis.reason.value if first_failure else None,
-        "hint": first_failure.diagnosis.hint if first_failure else None,
+        "category": diagnosis.category.value if diagnosis else None,
+        "reason": diagnosis.reason.value if diagnosis else None,
+        "hint": diagnosis.hint if diagnosis else None,
         "consecutive_failures": state.consecutive_failures,
         # why the interval is stretched (credential failure, rate limit), or None
-        "backing_off": _backing_off(state, first_failure),
+        "backing_off": _backing_off(state, diagnosis),
         "interval_seconds": state.interval,
         "last_check": _iso(last.started_at) if last else None,
         "last_check_duration_seconds": round(last.duration_seconds, 6) if last else None,
@@ -63,19 +72,19 @@ def inbox_status(state: InboxState, next_run: float | None) -> dict:
             **state.delivery.step.to_json(), "probe_id": state.delivery.probe_id,
             "folder": state.delivery.folder,
             "received_seconds": state.delivery.received_seconds},
-        # Recent checks, and the failures that scrolled out of them: what happened before.
-        "history": [_summary(r) for r in (*state.history, *state.old_failures)],
+        # Recent checks, newest first, then failures that scrolled out: what happened before.
+        "history": [_summary(e) for e in (*reversed(recent[-SHOWN:]), *reversed(older_failures))],
         "certificates": [
             {"protocol": c.protocol.value, "trusted": c.trusted, "expires": _iso(c.not_after)}
             for c in (last.certificates if last else ())],
     }
 
 
-def _backing_off(state: InboxState, first_failure) -> str | None:
+def _backing_off(state: InboxState, diagnosis: Diagnosis | None) -> str | None:
     """Why the inbox is checked less often than configured, or None."""
     if not state.effective_interval:
         return None
-    why = first_failure.diagnosis.reason.value if first_failure else "a failure"
+    why = diagnosis.reason.value if diagnosis else "a failure"
     pace = f"checked every {duration(state.effective_interval)}"
     if state.effective_interval != state.inbox.interval:
         pace += f" instead of {duration(state.inbox.interval)}"
@@ -89,12 +98,11 @@ def duration(seconds: float) -> str:
     return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (sec, "s")) if v) or "0s"
 
 
-def _summary(result) -> dict:
-    first = result.failures[0] if result.failures else None
-    return {"started_at": _iso(result.started_at), "ok": result.ok,
-            "failing_step": first.step.value if first else None,
-            "category": first.diagnosis.category.value if first else None,
-            "reason": first.diagnosis.reason.value if first else None}
+def _summary(e: Entry) -> dict:
+    return {"started_at": _iso(e.started_at), "ok": e.ok,
+            "failing_step": e.failing_step.value if e.failing_step else None,
+            "category": e.category.value if e.category else None,
+            "reason": e.reason.value if e.reason else None}
 
 
 def render_json(statuses: list[dict], load: dict | None = None) -> str:
@@ -115,7 +123,8 @@ def _load_line(load: dict | None) -> str:
 
 
 PAGE_CSS = """
-:root{--ok:#1a7f37;--bad:#cf222e;--wait:#6e7781;--line:#d0d7de;font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+:root{--ok:#1a7f37;--bad:#cf222e;--wait:#6e7781;--line:#d0d7de;
+ font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
 body{margin:0;padding:1rem;color:#1f2328;background:#f6f8fa}
 h1{font-size:1.3rem;margin:0 0 .3rem}
 .summary{margin:0 0 1rem;color:#57606a}
@@ -123,10 +132,12 @@ table{border-collapse:collapse;width:100%;background:#fff;border:1px solid var(-
 th,td{text-align:left;padding:.5rem .6rem;border-bottom:1px solid var(--line);vertical-align:top}
 th{cursor:pointer;user-select:none;background:#f6f8fa;white-space:nowrap}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
-.badge{display:inline-block;padding:.1rem .5rem;border-radius:1rem;color:#fff;font-weight:600;font-size:.85rem}
+.badge{display:inline-block;padding:.1rem .5rem;border-radius:1rem;color:#fff;font-weight:600;
+ font-size:.85rem}
 .ok .badge{background:var(--ok)}.failing .badge{background:var(--bad)}.pending .badge{background:var(--wait)}
-tr.failing td:first-child{border-left:4px solid var(--bad)}tr.ok td:first-child{border-left:4px solid var(--ok)}
-code{font-size:.85rem}details{margin-top:.3rem}details table{font-size:.85rem}
+tr.failing td:first-child{border-left:4px solid var(--bad)}
+tr.ok td:first-child{border-left:4px solid var(--ok)}
+code{font-size:.85rem}
 .steps td{padding:.2rem .4rem}.muted{color:#57606a}
 @media (max-width:700px){table,thead,tbody,tr,td{display:block}thead{display:none}
  tr{margin-bottom:.7rem;border:1px solid var(--line);background:#fff}td{border:none}
@@ -138,7 +149,8 @@ _JS = """
 document.querySelectorAll('th[data-key]').forEach(function(th){th.tabIndex=0;
  th.addEventListener('keydown',function(e){if(e.key==='Enter'||e.key===' '){e.preventDefault();th.click()}});
  th.addEventListener('click',function(){
- var table=th.closest('table'),body=table.tBodies[0],i=Array.prototype.indexOf.call(th.parentNode.children,th);
+ var table=th.closest('table'),body=table.tBodies[0],
+  i=Array.prototype.indexOf.call(th.parentNode.children,th);
  var asc=th.getAttribute('aria-sort')!=='ascending';
  table.querySelectorAll('th').forEach(function(h){h.removeAttribute('aria-sort')});
  th.setAttribute('aria-sort',asc?'ascending':'descending');
@@ -189,20 +201,16 @@ def render_html(statuses: list[dict], load: dict | None = None,
     rows = []
     for s in sorted(statuses, key=lambda s: (_RANK[s["state"]], s["name"])):
         why = f"{s['category']} / {s['reason']}" if s["category"] else ""
-        steps = "".join(
-            f"<tr><td>{e(st['step'])}</td><td>{e(st['status'])}</td><td>{latency(st)}</td>"
-            f"<td>{e(st['detail'] or st['note'] or '')}</td></tr>" for st in s["steps"])
-        details = (f"<details><summary>steps</summary><table class=steps>{steps}</table></details>"
-                   if steps else "")
         rows.append(
             f"<tr class={s['state']} data-inbox=\"{e(s['name'])}\">"
             f"<td data-label=Inbox><a href=\"/inbox/{e(s['name'])}\"><strong>{e(s['name'])}"
             f"</strong></a><br>"
             f"<span class=muted>{e(s['provider'])}</span></td>"
-            f"<td data-label=Status data-sort={_RANK[s['state']]}><span class=badge>{e(s['state'])}</span></td>"
+            f"<td data-label=Status data-sort={_RANK[s['state']]}>"
+            f"<span class=badge>{e(s['state'])}</span></td>"
             f"<td data-label=\"Failing step\">{e(s['failing_step'] or '')}</td>"
             f"<td data-label=Why><code>{e(why)}</code></td>"
-            f"<td data-label=Hint>{e(s['hint'] or '')}{details}</td>"
+            f"<td data-label=Hint>{e(s['hint'] or '')}</td>"
             f"<td data-label=\"Last success\" data-sort=\"{e(s['last_success'] or '')}\">"
             f"{e(human(s['last_success']) or 'never')}</td>"
             f"<td data-label=\"Last check\">{e(human(s['last_check']) or 'not yet')}</td>"

@@ -1,4 +1,5 @@
-"""The latest state of every configured inbox: last result, counters, history, schedule.
+"""The latest state of every configured inbox: last result, counters, schedule (the history of
+checks is history.py).
 
 One lock guards it; readers get immutable snapshots. Results of inboxes no longer configured
 (a check still in flight during a reload) are dropped, so removed inboxes leave no series.
@@ -18,7 +19,6 @@ from .model import Category, CheckResult, Reason
 if TYPE_CHECKING:
     from .confirm import DeliveryResult
 
-HISTORY = 20  # recent results kept per inbox, plus as many of the failures among older ones
 
 CREDENTIAL_CATEGORIES = frozenset({Category.UNAUTHORIZED, Category.APP_PASSWORD_REQUIRED})
 # Backed off like credential failures: retrying at full pace only prolongs a rate limit.
@@ -32,11 +32,9 @@ class InboxState:
     last_success_at: float | None = None
     consecutive_failures: int = 0
     failures_total: Counter = field(default_factory=Counter)  # (Category, Reason) -> count
-    history: tuple[CheckResult, ...] = ()
-    old_failures: tuple[CheckResult, ...] = ()  # failures that scrolled out of `history`
     next_run_at: float | None = None
     effective_interval: float | None = None  # longer than inbox.interval while backing off
-    delivery: "DeliveryResult | None" = None  # the last confirmed (or failed) delivery
+    delivery: DeliveryResult | None = None  # the last confirmed (or failed) delivery
     last_test_email_at: float | None = None  # when the SMTP server last accepted a test email
     # The last failed check's transcript (zlib); the last check's is `last.transcript`.
     failure_transcript: bytes | None = None
@@ -80,14 +78,9 @@ class Store:
             old = self._states.get(result.inbox)
             if old is None or old.inbox != inbox:
                 return None  # removed or changed while the check ran
-            # Older results keep no transcript: only the last and the last failure's are kept.
-            history = (replace(result, transcript=None), *old.history)
-            kept, scrolled = history[:HISTORY], history[HISTORY:]
-            old_failures = old.old_failures
-            if scrolled and not scrolled[0].ok:
-                old_failures = (scrolled[0], *old_failures)[:HISTORY]
             counts = Counter(old.failures_total)
-            for key in {(s.diagnosis.category, s.diagnosis.reason) for s in result.failures}:
+            for key in {(s.diagnosis.category, s.diagnosis.reason) for s in result.failures
+                        if s.diagnosis is not None}:
                 counts[key] += 1
             state = replace(
                 old,
@@ -95,8 +88,6 @@ class Store:
                 last_success_at=result.started_at if result.ok else old.last_success_at,
                 consecutive_failures=0 if result.ok else old.consecutive_failures + 1,
                 failures_total=counts,
-                history=kept,
-                old_failures=old_failures,
                 effective_interval=effective_interval,
                 last_test_email_at=result.sent_at or old.last_test_email_at,
                 failure_transcript=(result.transcript if not result.ok
@@ -109,7 +100,7 @@ class Store:
             listener(old, state)
         return state
 
-    def record_delivery(self, result: "DeliveryResult", inbox: Inbox) -> InboxState | None:
+    def record_delivery(self, result: DeliveryResult, inbox: Inbox) -> InboxState | None:
         with self._lock:
             old = self._states.get(result.inbox)
             if old is None or old.inbox != inbox:

@@ -7,15 +7,15 @@ that allows nothing but their own style. Colours are presentation attributes, no
 from __future__ import annotations
 
 import html
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from .history import Entry
+from .history import Entry, Run
 
 OK, FAILED = "#1a7f37", "#cf222e"
 
 
 def _when(ts: int) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _what(e: Entry) -> str:
@@ -25,30 +25,35 @@ def _what(e: Entry) -> str:
            f"{e.reason.value if e.reason else '?'}"
 
 
-def strip(entries: list[Entry], cell: int = 5, height: int = 16, merge: bool = False) -> str:
-    """One cell per check, oldest on the left; hover (title) tells time, step and reason.
-
-    `merge`: consecutive checks with the same outcome become one cell (the status page, where
-    10,000 rows of 100 cells would be a million elements); its title gives the span."""
+def strip(entries: list[Entry], cell: int = 5, height: int = 16) -> str:
+    """One cell per check, oldest on the left; hover (title) tells time, step and reason."""
     if not entries:
         return ""
-    runs: list[tuple[int, int]] = []  # (first index, count)
-    for i, e in enumerate(entries):
-        if merge and runs and _what(entries[runs[-1][0]]) == _what(e):
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((i, 1))
-    rects = []
-    for first, count in runs:
-        e, last = entries[first], entries[first + count - 1]
-        title = (f"{_when(e.started_at)}: {_what(e)}" if count == 1 else
-                 f"{count} checks {_when(e.started_at)} to {_when(last.started_at)}: {_what(e)}")
-        rects.append(f'<rect x="{first * cell}" width="{count * cell - 1}" height="{height}" '
-                     f'fill="{OK if e.ok else FAILED}"><title>{html.escape(title)}</title></rect>')
+    rects = [f'<rect x="{i * cell}" width="{cell - 1}" height="{height}" '
+             f'fill="{OK if e.ok else FAILED}"><title>{html.escape(f"{_when(e.started_at)}: {_what(e)}")}'
+             f'</title></rect>' for i, e in enumerate(entries)]
     width = len(entries) * cell
     label = f"last {len(entries)} checks: {sum(e.ok for e in entries)} ok"
     return (f'<svg class=strip role=img aria-label="{label}" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}">{"".join(rects)}</svg>')
+
+
+def run_strip(runs: list[Run], cell: int = 3, height: int = 16) -> str:
+    """The status page's strip: one element per run of equal outcomes, its title the span."""
+    if not runs:
+        return ""
+    rects, x = [], 0
+    for run in runs:
+        e = run.first
+        title = (f"{_when(e.started_at)}: {_what(e)}" if run.count == 1 else
+                 f"{run.count} checks {_when(e.started_at)} to {_when(run.last_started_at)}: "
+                 f"{_what(e)}")
+        rects.append(f'<rect x="{x}" width="{run.count * cell - 1}" height="{height}" '
+                     f'fill="{OK if e.ok else FAILED}"><title>{html.escape(title)}</title></rect>')
+        x += run.count * cell
+    total, ok = sum(r.count for r in runs), sum(r.count for r in runs if r.first.ok)
+    return (f'<svg class=strip role=img aria-label="last {total} checks: {ok} ok" width="{x}" '
+            f'height="{height}" viewBox="0 0 {x} {height}">{"".join(rects)}</svg>')
 
 
 def sparkline(entries: list[Entry], width: int = 300, height: int = 40) -> str:

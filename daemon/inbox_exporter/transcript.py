@@ -21,8 +21,12 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from .redact import redact_secrets, redact_urls
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 MAX_BYTES = 12 * 1024
 MAX_LINE = 400
@@ -172,12 +176,12 @@ def unpack(packed: bytes | None) -> str | None:
 class Tap:
     """One connection's end of a transcript, for the protocol library subclasses."""
 
-    __slots__ = ("transcript", "conn")
+    __slots__ = ("conn", "transcript")
 
     def __init__(self, transcript: Transcript, conn: str):
         self.transcript, self.conn = transcript, conn
 
-    def sent(self, data: bytes) -> None:
+    def sent(self, data: ReadableBuffer) -> None:
         self.transcript.sent(self.conn, bytes(data))
 
     def received(self, line: bytes) -> None:

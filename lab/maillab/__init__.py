@@ -12,5 +12,5 @@ from .lab import APP_PASSWORD_REASON, LabUser, MailLab, Ports
 from .oauth import OAuthClient, OAuthError, OAuthServer
 from .tls import TlsFiles
 
-__all__ = ["MailLab", "LabError", "LabUser", "Ports", "TlsFiles", "APP_PASSWORD_REASON",
-           "OAuthServer", "OAuthClient", "OAuthError"]
+__all__ = ["APP_PASSWORD_REASON", "LabError", "LabUser", "MailLab", "OAuthClient", "OAuthError",
+           "OAuthServer", "Ports", "TlsFiles"]

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LabError
-from .util import (ENV_MARKER, is_alive, new_lines_matching, tail_file, tail_since,
-                   terminate_tree, write_file)
+from .util import ENV_MARKER, is_alive, new_lines_matching, tail_file, tail_since, terminate_tree, write_file
 
 DOVECOT = "/usr/sbin/dovecot"
 
@@ -250,14 +249,11 @@ class DovecotInstance:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", ENV_MARKER: self.lab_id,
                "TZ": os.environ.get("TZ", "UTC")}
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        err = open(self.stderr_path, "ab")
-        try:
+        with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 [DOVECOT, "-F", "-c", str(self.conf_path)],
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
                 close_fds=True, start_new_session=True)  # no Ctrl-C from our terminal
-        finally:
-            err.close()
 
     def died(self) -> str | None:
         """An error text if the master exited or logged a Fatal error since

@@ -16,10 +16,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from . import tls as _tls
 from .dovecot import DovecotInstance, DovecotSpec
@@ -27,9 +28,25 @@ from .errors import LabError
 from .oauth import OAuthServer
 from .oauth import check_installed as _check_oauth_installed
 from .postfix import PostfixInstance, SmtpListener
-from .util import (ENV_MARKER, SAFE_PATH_CHARS, allocate_ports, is_alive, make_traversable,
-                   pids_with_cmdline, pids_with_env, port_accepts, port_is_free, read_banner, tail_file,
-                   terminate_tree, wait_until, write_file)
+from .util import (
+    ENV_MARKER,
+    SAFE_PATH_CHARS,
+    allocate_ports,
+    is_alive,
+    make_traversable,
+    pids_with_cmdline,
+    pids_with_env,
+    port_accepts,
+    port_is_free,
+    read_banner,
+    tail_file,
+    terminate_tree,
+    wait_until,
+    write_file,
+)
+
+if TYPE_CHECKING:
+    import ssl
 
 DOMAIN = "example.test"
 HOST = "127.0.0.1"
@@ -87,7 +104,14 @@ class Ports:
         return asdict(self)
 
 
-_RUNNING: set["MailLab"] = set()
+
+class LabMessage(EmailMessage):
+    """A message read from a lab Maildir, and where it lies."""
+
+    maillab_path: Path
+    maillab_folder: str  # "INBOX", "Sent", ...
+
+_RUNNING: set[MailLab] = set()
 
 
 @atexit.register
@@ -151,10 +175,10 @@ class MailLab:
         state = "running" if self._running else "stopped"
         return f"<MailLab {self.id} {state} {self.workdir}>"
 
-    def __enter__(self) -> "MailLab":
+    def __enter__(self) -> MailLab:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     @property
@@ -174,7 +198,7 @@ class MailLab:
             raise LabError("the lab has not been started")
         return self._dovecots["main"].auth_socket_path
 
-    def ssl_context(self):
+    def ssl_context(self) -> ssl.SSLContext:
         """ssl.SSLContext trusting only the lab CA (hostname checking on)."""
         import ssl
         return ssl.create_default_context(cafile=str(self.ca_file))
@@ -191,7 +215,7 @@ class MailLab:
         return LabUser(local=local, address=f"{local}@{DOMAIN}", password=password)
 
     # ---------------------------------------------------------------- start
-    def start(self) -> "MailLab":
+    def start(self) -> MailLab:
         """Generate TLS, write configs, start every server and wait until all
         ports accept.  Calling it on a running lab does nothing."""
         if self._running:
@@ -293,10 +317,10 @@ class MailLab:
         names = [f.name for f in fields(Ports)]
         # a restarted lab keeps its ports when they are still free, so a
         # daemon under test can reconnect to the same addresses
-        if self.ports is not None and not fresh:
-            if all(port_is_free(p) for p in self.ports.as_dict().values()):
-                return self.ports
-        self.ports = Ports(**dict(zip(names, allocate_ports(len(names)))))
+        if (self.ports is not None and not fresh
+                and all(port_is_free(p) for p in self.ports.as_dict().values())):
+            return self.ports
+        self.ports = Ports(**dict(zip(names, allocate_ports(len(names)), strict=True)))
         return self.ports
 
     def _dovecot_specs(self, p: Ports) -> list[DovecotSpec]:
@@ -580,7 +604,7 @@ class MailLab:
         return user
 
     # ---------------------------------------------------------------- mail
-    def messages(self, local: str) -> list[EmailMessage]:
+    def messages(self, local: str) -> list[LabMessage]:
         """Messages in the user's Maildir (new + cur, every folder), oldest
         first.  Each has .maillab_path and .maillab_folder ("INBOX", "Sent"...)."""
         root = self.mail_dir / local
@@ -592,7 +616,7 @@ class MailLab:
         return result
 
     @staticmethod
-    def _scan_maildir(root: Path) -> tuple[list[EmailMessage], bool]:
+    def _scan_maildir(root: Path) -> tuple[list[LabMessage], bool]:
         if not root.is_dir():
             return [], False
         folders = [("INBOX", root)]
@@ -601,7 +625,7 @@ class MailLab:
                 folders.append((d.name[1:].replace(".", "/"), d))
         found = []
         vanished = False
-        parser = email.parser.BytesParser(policy=email.policy.default)
+        parser = email.parser.BytesParser(LabMessage, policy=email.policy.default)
         for folder, d in folders:
             for sub in ("new", "cur"):
                 try:
@@ -616,6 +640,7 @@ class MailLab:
                         vanished = True
                         continue
                     msg = parser.parsebytes(data)
+                    assert isinstance(msg, LabMessage)  # the parser's message class
                     msg.maillab_path = path
                     msg.maillab_folder = folder
                     head = name.split(".", 1)[0]

@@ -22,13 +22,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, TypedDict
 
 from .errors import LabError
-from .util import (ENV_MARKER, is_alive, log_excerpt, new_lines_matching, terminate_tree, wait_until,
-                   write_file)
+from .util import (
+    ENV_MARKER,
+    is_alive,
+    log_excerpt,
+    new_lines_matching,
+    terminate_tree,
+    wait_until,
+    write_file,
+)
 
 OIDC_DIR = Path(__file__).resolve().parent / "oidc"
 SERVER_SCRIPT = OIDC_DIR / "server.mjs"
@@ -93,13 +101,15 @@ def node_binary() -> str | None:
     return shutil.which("node", path="/usr/local/bin:/usr/bin:/bin")
 
 
-def check_installed() -> None:
-    """LabError unless node and the pinned npm modules are there."""
-    if node_binary() is None:
+def check_installed() -> str:
+    """LabError unless node and the pinned npm modules are there; the node binary."""
+    node = node_binary()
+    if node is None:
         raise LabError("node is not installed (the lab's OAuth server needs nodejs); run scripts/setup")
     if not (OIDC_DIR / "node_modules" / "oidc-provider" / "package.json").exists():
         raise LabError(f"the npm modules of {OIDC_DIR} are missing "
                        f"(npm ci there); run scripts/setup")
+    return node
 
 
 def xoauth2(address: str, token: str) -> bytes:
@@ -123,8 +133,16 @@ def pkce_pair() -> tuple[str, str]:
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):   # the caller looks at each Location itself
+    def redirect_request(self, *args: object, **kwargs: object) -> None:  # the caller reads Location
         return None
+
+
+class _Settings(TypedDict):
+    """What the server re-reads on every request (settings.json)."""
+
+    accounts: dict[str, str]  # address -> password
+    access_token_ttl: int
+    rotate_refresh_tokens: bool
 
 
 class OAuthServer:
@@ -143,8 +161,8 @@ class OAuthServer:
         self._log_offset = 0
         self._fresh = True                      # first start of this object: empty store
         self._cookie_keys = [secrets.token_urlsafe(24), secrets.token_urlsafe(24)]
-        self._settings = {"accounts": dict(accounts), "access_token_ttl": 3600,
-                          "rotate_refresh_tokens": True}
+        self._settings: _Settings = {"accounts": dict(accounts), "access_token_ttl": 3600,
+                                     "rotate_refresh_tokens": True}
         user_grants = ("authorization_code", "refresh_token")
         self.clients: dict[str, OAuthClient] = {
             "exporter": OAuthClient("exporter", secrets.token_urlsafe(24), user_grants, REDIRECT_URIS),
@@ -214,7 +232,7 @@ class OAuthServer:
         return old
 
     @contextlib.contextmanager
-    def configured(self, **settings) -> Iterator["OAuthServer"]:
+    def configured(self, **settings: Any) -> Iterator[OAuthServer]:
         """with lab.oauth.configured(access_token_ttl=5): ...  (restored on exit)"""
         old = self.configure(**settings)
         try:
@@ -279,8 +297,7 @@ class OAuthServer:
             return
         if self.port is None:
             raise LabError("OAuth server: write_config() first")
-        check_installed()
-        node = node_binary()
+        node = check_installed()
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "TZ": os.environ.get("TZ", "UTC"),
                "NODE_ENV": "production", ENV_MARKER: self.lab_id}
@@ -311,7 +328,7 @@ class OAuthServer:
     def log_excerpt(self, lines: int = 30) -> str:
         return log_excerpt(self.log_path, self._log_offset, lines)
 
-    def start(self, timeout: float = 15.0) -> "OAuthServer":
+    def start(self, timeout: float = 15.0) -> OAuthServer:
         """Start again after stop() (same port, same clients; every grant and refresh token
         kept in the file store), and wait until it serves."""
         if self.port is None or not self.config_path.exists():
@@ -332,7 +349,7 @@ class OAuthServer:
         self.proc = None
 
     # ------------------------------------------------------------ HTTP
-    def _open(self, opener, url: str, data: dict | None = None,
+    def _open(self, opener: urllib.request.OpenerDirector, url: str, data: dict | None = None,
               headers: dict | None = None) -> tuple[int, dict, bytes]:
         body = urllib.parse.urlencode(data).encode() if data is not None else None
         req = urllib.request.Request(url, data=body, headers=headers or {})

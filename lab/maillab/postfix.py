@@ -16,10 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LabError
-from .util import (ENV_MARKER, is_alive, log_excerpt, new_lines_matching, run_tty, subreaper,
-                   terminate_tree, write_file)
+from .util import (
+    ENV_MARKER,
+    is_alive,
+    log_excerpt,
+    new_lines_matching,
+    run_tty,
+    subreaper,
+    terminate_tree,
+    write_file,
+)
 
 POSTFIX = "/usr/sbin/postfix"
+# what Postfix passes on to its daemons (main.cf import_environment), before the lab's marker
+_IMPORT_ENVIRONMENT = "MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C POSTLOG_SERVICE POSTLOG_HOSTNAME"
 POSTMAP = "/usr/sbin/postmap"
 
 # Postfix re-reads configuration files whose mtime is very recent; backdating
@@ -108,7 +118,7 @@ sender_bcc_maps = inline:{{ sender@{self.domain}=sender+Sent@{self.domain} }}
 maillog_file = {self.log_path}
 maillog_file_prefixes = {self.log_dir}
 # MAILLAB_LAB marks every process of this lab (found again by stop())
-import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C POSTLOG_SERVICE POSTLOG_HOSTNAME {ENV_MARKER}={self.lab_id}
+import_environment = {_IMPORT_ENVIRONMENT} {ENV_MARKER}={self.lab_id}
 
 smtpd_banner = $myhostname ESMTP maillab
 smtpd_peername_lookup = no
@@ -155,22 +165,22 @@ delay_warning_time = 0h
             "# -o values cannot contain spaces.",
             "# service type private unpriv chroot wakeup maxproc command",
         ]
-        for l in self.listeners:
-            rows.append(f"# {l.name}")
-            rows.append(f"127.0.0.1:{l.port} inet n - n - - smtpd")
-            rows.append(f"  -o syslog_name=postfix/{l.name}")
-            if l.wrapper:
+        for listener in self.listeners:
+            rows.append(f"# {listener.name}")
+            rows.append(f"127.0.0.1:{listener.port} inet n - n - - smtpd")
+            rows.append(f"  -o syslog_name=postfix/{listener.name}")
+            if listener.wrapper:
                 rows.append("  -o smtpd_tls_wrappermode=yes")
             else:
                 rows.append("  -o smtpd_tls_security_level=encrypt")
-            if l.cert is not None:
+            if listener.cert is not None:
                 # per-port certificate (never smtpd_tls_chain_files: it would win)
-                rows.append(f"  -o smtpd_tls_cert_file={l.cert}")
-                rows.append(f"  -o smtpd_tls_key_file={l.key}")
-            if l.sasl_path is not None:
+                rows.append(f"  -o smtpd_tls_cert_file={listener.cert}")
+                rows.append(f"  -o smtpd_tls_key_file={listener.key}")
+            if listener.sasl_path is not None:
                 # AUTH through another Dovecot instance (XOAUTH2/OAUTHBEARER there)
-                rows.append(f"  -o smtpd_sasl_path={l.sasl_path}")
-            if l.client_rejected:
+                rows.append(f"  -o smtpd_sasl_path={listener.sasl_path}")
+            if listener.client_rejected:
                 # AUTH works; with smtpd_delay_reject=yes the client restriction
                 # fires at RCPT: 554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: Access denied
                 rows.append("  -o smtpd_client_restrictions=reject")

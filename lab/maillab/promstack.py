@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any, Self
 
 import yaml
 
@@ -32,7 +33,7 @@ class _Service:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         log = open(self.workdir / f"{self.name}.log", "wb")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -48,7 +49,7 @@ class _Service:
         raise RuntimeError(f"{self.name} did not start: "
                            + (self.workdir / f"{self.name}.log").read_text()[-2000:])
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -57,7 +58,7 @@ class _Service:
                 self.proc.kill()
                 self.proc.wait()
 
-    def get_json(self, path: str):
+    def get_json(self, path: str) -> Any:
         return json.load(urllib.request.urlopen(self.url + path, timeout=10))
 
 
@@ -73,7 +74,7 @@ class Alertmanager(_Service):
                 f"--storage.path={self.workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address="]
 
-    def alerts(self, **labels) -> list[dict]:
+    def alerts(self, **labels: str) -> list[dict]:
         """Active alerts whose labels include `labels`."""
         return [a for a in self.get_json("/api/v2/alerts?active=true&silenced=false&inhibited=false")
                 if all(a["labels"].get(k) == v for k, v in labels.items())]

@@ -99,7 +99,7 @@ class TlsFiles:
         return getattr(self, f"{kind}_cert"), getattr(self, f"{kind}_key")
 
     @classmethod
-    def at(cls, d: Path) -> "TlsFiles":
+    def at(cls, d: Path) -> TlsFiles:
         return cls(dir=d, ca=d / "ca.pem", ca_key=d / "ca.key",
                    **{f"{k}_{part}": d / f"{k}.{'pem' if part == 'cert' else 'key'}"
                       for k in ("good", "selfsigned", "expired", "wronghost")
@@ -142,7 +142,7 @@ def generate(tls_dir: Path, label: str) -> TlsFiles:
                  "-out", str(path), cnf=cnf)
         path.chmod(0o600)
 
-    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
 
     key(files.ca_key)
     _openssl("req", "-config", str(cnf), "-new", "-x509", "-key", str(files.ca_key),

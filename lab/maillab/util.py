@@ -9,8 +9,8 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from .errors import LabError
 
@@ -282,7 +282,7 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _pids_where(proc_file: str, matches) -> list[int]:
+def _pids_where(proc_file: str, matches: Callable[[bytes], bool]) -> list[int]:
     """Processes (other than this one) whose /proc/PID/<proc_file> satisfies `matches`."""
     found = []
     me = os.getpid()
@@ -355,10 +355,10 @@ def _set_subreaper(on: bool) -> None:
         pass
 
 
-class subreaper:
+class subreaper:  # noqa: N801 - used like a function, `with subreaper():`, as contextlib's are
     """Context manager: be a child subreaper while inside (re-entrant)."""
 
-    def __enter__(self):
+    def __enter__(self) -> subreaper:
         global _subreaper_depth
         with _subreaper_lock:
             if _subreaper_depth == 0:
@@ -366,7 +366,7 @@ class subreaper:
             _subreaper_depth += 1
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         global _subreaper_depth
         with _subreaper_lock:
             _subreaper_depth -= 1
@@ -439,10 +439,10 @@ def terminate_tree(root_pids: Iterable[int], extra: Iterable[int] = (), *,
         signalled: set[int] = set()
         kids_gone_at: list[float] = []
 
-        def live(snap, p) -> bool:
+        def live(snap: dict[int, tuple[bytes, bytes, int]], p: int) -> bool:
             return p in snap and snap[p][1] != b"Z"
 
-        def step(snap) -> list[int]:
+        def step(snap: dict[int, tuple[bytes, bytes, int]]) -> list[int]:
             """Signal newcomers, reap our zombies; return live pids."""
             children: dict[int, list[int]] = {}
             for p, (_, _, pp) in snap.items():
@@ -456,8 +456,8 @@ def terminate_tree(root_pids: Iterable[int], extra: Iterable[int] = (), *,
             new = [p for p in pids if p not in signalled and live(snap, p)]
             signal_all(new, signal.SIGTERM)
             signalled.update(new)
-            for p in popens:
-                p.poll()
+            for popen in popens:
+                popen.poll()
             for p, (comm, state, pp) in snap.items():
                 if (pp == me and state == b"Z" and p not in popen_pids
                         and (p in pids or comm in _SERVER_COMMS)):

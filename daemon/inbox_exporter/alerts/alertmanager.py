@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from .dispatch import Sink
 from .httpjson import post_json
@@ -20,7 +21,7 @@ ALERTNAME = "InboxCheckFailing"
 
 
 def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
 def summary(alert: Alert) -> str:
@@ -31,11 +32,12 @@ class AlertmanagerSink(Sink):
     name = "alertmanager"
 
     def __init__(self, url: str, resend_interval: float, runbook_url: str | None = None,
-                 status_page_url: str | None = None, clock=time.time,
+                 status_page_url: str | None = None,
+                 clock: Callable[[], float] = time.time,
                  headers: dict[str, str] | None = None):
         self.url = url.rstrip("/") + "/api/v2/alerts"
         self._headers = headers or {}  # Authorization from the URL's user:password
-        self.tick_interval = resend_interval
+        self.tick_interval: float = resend_interval
         self.runbook_url, self.status_page_url = runbook_url, status_page_url
         self._clock = clock
         self._active: dict[tuple[str, str], tuple[dict, Alert]] = {}  # key -> (labels, alert)

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import Counter
 
@@ -52,7 +52,7 @@ class Sink:
         alerts handed over (the new receiver knows nothing of them)."""
         return None
 
-    def adopt(self, previous: "Sink") -> None:
+    def adopt(self, previous: Sink) -> None:
         """Take over what the sink it replaces (same name and destination) keeps in memory."""
 
     def close(self) -> None:
@@ -62,7 +62,7 @@ class Sink:
 class _Worker:
     """One sink's queue and thread. The sink object may be replaced (a reload); the queue stays."""
 
-    def __init__(self, sink: Sink, owner: "Dispatcher", queue_size: int):
+    def __init__(self, sink: Sink, owner: Dispatcher, queue_size: int):
         self.sink = sink
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._owner = owner
@@ -171,14 +171,14 @@ class Dispatcher:
                 worker.stop()  # its thread closes the sink once the alert at hand is done
                 log.info("alert sink removed", extra={"sink": name})
             for name, sink in wanted.items():
-                worker = self._workers.get(name)
-                if worker is None:
+                current = self._workers.get(name)
+                if current is None:
                     self._workers[name] = _Worker(sink, self, self._queue_size)
                     fresh.append(sink)
-                elif worker.sink is not sink:
-                    if worker.sink.destination != sink.destination:
+                elif current.sink is not sink:
+                    if current.sink.destination != sink.destination:
                         fresh.append(sink)
-                    worker.replace(sink)
+                    current.replace(sink)
         return fresh
 
     def submit(self, alerts: Iterable[Alert], only: Iterable[Sink] | None = None) -> None:
@@ -230,7 +230,7 @@ class Dispatcher:
         log.error("alert not delivered", extra={"sink": sink.name, "inbox": alert.inbox,
                                                  "status": alert.status, "error": str(error)})
 
-    def _guarded(self, sink: Sink, fn, what: str) -> None:
+    def _guarded(self, sink: Sink, fn: Callable[[], object], what: str) -> None:
         try:
             fn()
         except Exception as e:  # noqa: BLE001

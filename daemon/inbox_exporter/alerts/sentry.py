@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import sentry_sdk
 from sentry_sdk.integrations.logging import LoggingIntegration
@@ -16,11 +17,15 @@ from .alertmanager import summary
 from .dispatch import Sink
 from .transitions import FIRING, Alert
 
+Event = Any  # sentry-sdk's event and breadcrumb dicts
+Hook = Callable[[Any, Any], Any]
 
-def scrubber(secrets: Callable[[], Iterable[str]]):
+
+def scrubber(secrets: Callable[[], Iterable[str]]) -> Hook:
     """before_send: redact every known secret anywhere in the event (strings, keys' values)."""
+    known: list[str] = []  # read again for each event: a reload may add secrets
 
-    def clean(value):
+    def clean(value: Any) -> Any:
         if isinstance(value, str):
             return redact(value, known)
         if isinstance(value, dict):
@@ -29,24 +34,26 @@ def scrubber(secrets: Callable[[], Iterable[str]]):
             return [clean(v) for v in value]
         return value
 
-    def before_send(event, hint):
-        nonlocal known
-        known = [s for s in secrets() if s]
+    def before_send(event: Event, hint: Any) -> Event:
+        known[:] = [s for s in secrets() if s]
         event.pop("request", None)
         return clean(event)
 
-    known: list[str] = []
     return before_send
 
 
-def breadcrumb_scrubber(secrets: Callable[[], Iterable[str]]):
+def breadcrumb_scrubber(secrets: Callable[[], Iterable[str]]) -> Hook:
     """before_breadcrumb: log lines become breadcrumbs; redact them as events are."""
     clean_event = scrubber(secrets)
 
-    def before_breadcrumb(crumb, hint):
+    def before_breadcrumb(crumb: Event, hint: Any) -> Event | None:
         return clean_event(crumb, hint)
 
     return before_breadcrumb
+
+
+def _drop(event: Event, hint: Any) -> None:
+    return None  # no performance data leaves the process
 
 
 def init(dsn: str, environment: str, secrets: Callable[[], Iterable[str]]) -> sentry_sdk.Client:
@@ -55,7 +62,7 @@ def init(dsn: str, environment: str, secrets: Callable[[], Iterable[str]]) -> se
         dsn=dsn, environment=environment, release=f"inbox-exporter@{__version__}",
         send_default_pii=False, include_local_variables=False, max_request_body_size="never",
         before_send=scrubber(secrets), before_breadcrumb=breadcrumb_scrubber(secrets),
-        before_send_transaction=lambda event, hint: None,
+        before_send_transaction=_drop,
         traces_sample_rate=0.0,
         # Our crashes reach Sentry once, through the scheduler's error hook; log lines are
         # breadcrumbs only (they are written secret-free, and the scrubber checks anyway).

@@ -13,32 +13,52 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 from pydantic import SecretStr, ValidationError
 
-from .alerting import Alerting, resolve_alerting
+from .alerting import Alerting, no_alerting, resolve_alerting
 from .resolve import Delivery, Inbox, OAuth2, resolve_inboxes
-from .schema import (DEADLINE_STEPS, DEFAULT_INTERVAL, DEFAULT_TIMEOUT, ChecksModel, ConfigError,
-                     ConfigModel, MetricsModel, WebModel, parse_duration)
+from .schema import (
+    DEADLINE_STEPS,
+    DEFAULT_INTERVAL,
+    DEFAULT_TIMEOUT,
+    ChecksModel,
+    ConfigError,
+    ConfigModel,
+    MetricsModel,
+    WebModel,
+    parse_duration,
+)
 
-__all__ = ["Alerting", "Config", "ConfigError", "Delivery", "Inbox", "OAuth2", "load_config",
-           "model_error",
-           "parse_config", "parse_duration", "DEFAULT_INTERVAL", "DEFAULT_TIMEOUT",
-           "DEADLINE_STEPS"]
+__all__ = [
+    "DEADLINE_STEPS",
+    "DEFAULT_INTERVAL",
+    "DEFAULT_TIMEOUT",
+    "Alerting",
+    "Config",
+    "ConfigError",
+    "Delivery",
+    "Inbox",
+    "OAuth2",
+    "load_config",
+    "model_error",
+    "parse_config",
+    "parse_duration",
+]
 
 
 @dataclass(frozen=True)
 class Config:
     inboxes: tuple[Inbox, ...]
     source: str
-    checks: ChecksModel = ChecksModel()
-    metrics: MetricsModel = MetricsModel()
-    alerting: Alerting | None = None
+    checks: ChecksModel = field(default_factory=ChecksModel)
+    metrics: MetricsModel = field(default_factory=MetricsModel)
+    alerting: Alerting = field(default_factory=no_alerting)
     probe_key: SecretStr | None = None  # from checks.probe_key_env
-    web: WebModel = WebModel()
+    web: WebModel = field(default_factory=WebModel)
 
     def inbox(self, name: str) -> Inbox:
         for i in self.inboxes:
@@ -55,7 +75,7 @@ _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 class _UniqueKeyLoader(_BaseLoader):  # type: ignore[misc,valid-type]
     """A YAML loader that rejects a key given twice (PyYAML silently keeps the last)."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)

@@ -37,6 +37,11 @@ class Alerting:
         return tuple(out)
 
 
+def no_alerting() -> Alerting:
+    """The alerting section of a file without one: no sinks, default thresholds."""
+    return resolve_alerting(AlertingModel(), "config", {})
+
+
 def resolve_alerting(model: AlertingModel, source: str, environ: Mapping[str, str]) -> Alerting:
     def env(var: str, where: str) -> SecretStr:
         value = environ.get(var)
@@ -44,7 +49,8 @@ def resolve_alerting(model: AlertingModel, source: str, environ: Mapping[str, st
             raise ConfigError(where, f"environment variable {var} is not set", source)
         return SecretStr(value)
 
-    def sink(url: str, headers: tuple[tuple[str, SecretStr], ...]):
+    def sink(url: str, headers: tuple[tuple[str, SecretStr], ...]
+             ) -> tuple[str, tuple[tuple[str, SecretStr], ...]]:
         bare, authorization = split_userinfo(url)
         if authorization is not None:
             headers = (("Authorization", SecretStr(authorization)), *headers)

@@ -18,9 +18,19 @@ from .. import providers
 from ..probes.transport import ascii_host
 from ..providers import Endpoint
 from ..redact import sasl_plain
-from .schema import (DEADLINE_STEPS, DEFAULT_INTERVAL, DEFAULT_TIMEOUT, AuthModel, ConfigError,
-                     ConfigModel, DeliveryAccountModel, DeliveryModel, InboxModel, ServerModel,
-                     TestEmailModel)
+from .schema import (
+    DEADLINE_STEPS,
+    DEFAULT_INTERVAL,
+    DEFAULT_TIMEOUT,
+    AuthModel,
+    ConfigError,
+    ConfigModel,
+    DeliveryAccountModel,
+    DeliveryModel,
+    InboxModel,
+    ServerModel,
+    TestEmailModel,
+)
 
 Fail = Callable[[str, str], ConfigError]
 PLAINTEXT = "none sends the password in clear: set allow_plaintext_login: true to accept that"
@@ -294,10 +304,11 @@ def _delivery(model: DeliveryModel | None, raw: InboxModel, imap: Endpoint,
               where: str, source: str) -> Delivery | None:
     if model is None:
         return None
-    common = {"timeout": model.timeout, "folders": tuple(model.folders), "cleanup": model.cleanup}
+    folders = tuple(model.folders)
     if model.mailbox == "self":
         return Delivery(own=True, imap=imap, username=raw.username or raw.email,
-                        password=password, oauth=oauth, **common)
+                        password=password, timeout=model.timeout, folders=folders,
+                        cleanup=model.cleanup, oauth=oauth)
     account = model.mailbox
 
     def fail(key: str, message: str) -> ConfigError:
@@ -307,7 +318,8 @@ def _delivery(model: DeliveryModel | None, raw: InboxModel, imap: Endpoint,
                                       security=account.security), None, fail)
     return Delivery(own=False, imap=ep, username=account.username,
                     password=_secret(account, "password", environ, fail, inline=True,
-                                     required=True), **common)
+                                     required=True),
+                    timeout=model.timeout, folders=folders, cleanup=model.cleanup)
 
 
 def _secret(raw: InboxModel | DeliveryAccountModel | AuthModel, key: str,

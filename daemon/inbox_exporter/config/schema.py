@@ -13,9 +13,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr
 
-from ..redact import redact_urls
-
 from ..probes.transport import ascii_host
+from ..redact import redact_urls
 
 NAME_RE = re.compile(r"^[a-z0-9_.-]+$")
 _DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")

@@ -43,7 +43,7 @@ class _Callback:
 
 def _server(callback: _Callback, host: str) -> http.server.HTTPServer:
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:  # http.server's name
             parts = urlsplit(self.path)
             if parts.path != CALLBACK_PATH or callback.done.is_set():
                 self.send_error(404)

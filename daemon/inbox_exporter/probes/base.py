@@ -17,9 +17,14 @@ from ..oauth import sasl
 from ..oauth.tokens import AccessToken, TokenCache
 from ..providers import Endpoint
 from ..transcript import Tap, Transcript
-from .transport import (Connection, certificate_info, context_for, open_socket, tls_facts,
-                        untrusted_certificate)
-
+from .transport import (
+    Connection,
+    certificate_info,
+    context_for,
+    open_socket,
+    tls_facts,
+    untrusted_certificate,
+)
 
 CLOSE_TIMEOUT = 2.0  # for LOGOUT / QUIT after the steps
 
@@ -74,6 +79,10 @@ class Probe:
         if self.transcript is not None:
             for fact in tls_facts(sock):
                 self.transcript.fact(self.protocol.value, fact)
+
+    def close(self) -> None:
+        """LOGOUT / QUIT when possible; always close the socket. Each protocol's own."""
+        raise NotImplementedError
 
     # --- OAuth 2.0 logins (auth.method: oauth2) ------------------------------------------------
 

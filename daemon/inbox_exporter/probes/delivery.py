@@ -15,9 +15,8 @@ search splits ids at dashes, so ours have none.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 
 from imapclient import IMAPClient
@@ -128,11 +127,11 @@ def wait_for_new_mail(client: IMAPClient, folder: str, seconds: float) -> bool:
     return any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses)
 
 
-def _timestamp(value) -> float:
+def _timestamp(value: datetime | float) -> float:
     if isinstance(value, datetime):
         if value.tzinfo is None:  # IMAPClient normalises to local time without tzinfo
             return value.timestamp()
-        return value.astimezone(timezone.utc).timestamp()
+        return value.astimezone(UTC).timestamp()
     return float(value)
 
 

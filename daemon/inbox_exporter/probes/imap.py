@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import imaplib
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
@@ -17,30 +20,34 @@ from ..transcript import Tap
 from .base import CLOSE_TIMEOUT, Probe
 from .transport import ascii_host
 
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
 
 class _IMAP4(imaplib.IMAP4):
     """imaplib on a socket we opened ourselves (so DNS, TCP and TLS are timed and classified)."""
 
-    def __init__(self, open_fn, host: str, port: int, tap: Tap | None = None):
+    def __init__(self, open_fn: Callable[[], socket.socket], host: str, port: int,
+                 tap: Tap | None = None):
         self._open_fn, self._tap = open_fn, tap
         super().__init__(host, port)
 
-    def _create_socket(self, timeout=None):
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
         return self._open_fn()
 
     # The transcript's view of the conversation (the tap redacts logins itself).
-    def send(self, data):
+    def send(self, data: ReadableBuffer) -> None:
         if self._tap is not None:
             self._tap.sent(data)
         super().send(data)
 
-    def _get_line(self):
-        line = super()._get_line()
+    def _get_line(self) -> bytes:
+        line = super()._get_line()  # type: ignore[misc]  # imaplib's, not in typeshed
         if self._tap is not None:
             self._tap.received(line)
         return line
 
-    def read(self, size):
+    def read(self, size: int) -> bytes:
         data = super().read(size)
         if self._tap is not None:
             self._tap.literal(len(data))  # a literal: message contents, never shown
@@ -48,15 +55,16 @@ class _IMAP4(imaplib.IMAP4):
 
 
 class _Client(IMAPClient):
-    def __init__(self, open_fn, host: str, port: int, use_ssl: bool, timeout: float,
-                 tap: Tap | None = None):
+    def __init__(self, open_fn: Callable[[], socket.socket], host: str, port: int, use_ssl: bool,
+                 timeout: float, tap: Tap | None = None):
         self._open_fn, self._tap = open_fn, tap
         super().__init__(host, port, ssl=use_ssl, timeout=timeout)
         # IMAPClient turns imaplib's debug output on (level 5) for a logger we silence anyway:
         # formatting every line costs CPU on each check.
         self._imap.debug = 0
 
-    def _create_IMAP4(self):  # IMAPClient's one seam where the connection is created
+    # IMAPClient's one seam where the connection is created
+    def _create_IMAP4(self) -> _IMAP4:  # noqa: N802 - IMAPClient's name
         return _IMAP4(self._open_fn, self.host, self.port, self._tap)
 
 

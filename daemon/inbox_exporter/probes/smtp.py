@@ -5,9 +5,12 @@ from __future__ import annotations
 import functools
 import smtplib
 import socket
+import ssl
 import time
+from collections.abc import Callable
 from email.header import Header
 from email.utils import formatdate
+from typing import TYPE_CHECKING
 
 from .. import errors
 from ..config import Inbox
@@ -16,6 +19,9 @@ from ..oauth.tokens import TokenCache
 from ..transcript import Tap
 from .base import CLOSE_TIMEOUT, Probe
 from .transport import ascii_host
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 PROBE_HEADER = "X-Inbox-Exporter-Probe"
 # Preferred first; CRAM-MD5 and friends are obsolete and XOAUTH2 needs a token, not a password.
@@ -31,20 +37,22 @@ def ehlo_name() -> str:
 class _SMTP(smtplib.SMTP):
     """smtplib on a socket we opened ourselves; built without a host so nothing connects early."""
 
-    def __init__(self, open_fn, timeout: float, tap: Tap | None = None):
+    _host: str  # smtplib's: the name starttls() checks the certificate against
+
+    def __init__(self, open_fn: Callable[[], socket.socket], timeout: float, tap: Tap | None = None):
         self._open_fn, self._tap = open_fn, tap
         super().__init__(local_hostname=ehlo_name(), timeout=timeout)
 
-    def _get_socket(self, host, port, timeout):
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         return self._open_fn()
 
     # The transcript's view of the conversation (the tap redacts logins and the body itself).
-    def send(self, s):
+    def send(self, s: ReadableBuffer | str) -> None:
         if self._tap is not None:
             self._tap.sent(s.encode("utf-8") if isinstance(s, str) else s)
         super().send(s)
 
-    def getreply(self):
+    def getreply(self) -> tuple[int, bytes]:
         code, message = super().getreply()
         if self._tap is not None:
             lines = message.split(b"\n") if message else [b""]
@@ -53,11 +61,12 @@ class _SMTP(smtplib.SMTP):
                 self._tap.received(f"{code}".encode() + sep + line)
         return code, message
 
-    def auth(self, mechanism, authobject, *, initial_response_ok=True):
+    def auth(self, mechanism: str, authobject: Callable[..., str | None], *,
+             initial_response_ok: bool = True) -> tuple[int, bytes]:
         # smtplib encodes every SASL response as ASCII: a non-ASCII user or password would be
         # a UnicodeEncodeError. PLAIN (RFC 4616) and XOAUTH2 carry UTF-8; LOGIN has no
         # standard, and servers (Dovecot, Exchange) read UTF-8 there too.
-        def utf8(*challenge):
+        def utf8(*challenge: bytes | None) -> str:
             return _Utf8(authobject(*challenge))
 
         return super().auth(mechanism, utf8, initial_response_ok=initial_response_ok)
@@ -132,6 +141,7 @@ class SmtpProbe(Probe):
         if code != 220:
             raise smtplib.SMTPConnectError(code, greeting)
         if ep.security == "ssl":
+            assert isinstance(smtp.sock, ssl.SSLSocket)  # implicit TLS: the opener wrapped it
             self.secured(smtp.sock)
         self.conn.phase = Phase.COMMAND
         self._ehlo()
@@ -141,6 +151,7 @@ class SmtpProbe(Probe):
                 raise errors.StartTLSUnavailable("the server does not offer STARTTLS on this port")
             with self.handshake():
                 smtp.starttls(context=self.tls)
+            assert isinstance(smtp.sock, ssl.SSLSocket)  # starttls() wrapped it
             self.secured(smtp.sock)
             self.conn.phase = Phase.COMMAND
             self._ehlo()
@@ -186,7 +197,9 @@ class SmtpProbe(Probe):
         try:
             smtp.auth(exchange.mechanism, respond, initial_response_ok=True)
         except smtplib.SMTPAuthenticationError as e:
-            reply = f"{e.smtp_code} {e.smtp_error.decode('utf-8', 'replace')}"
+            error = e.smtp_error  # bytes: smtplib's reply as read
+            text = error.decode("utf-8", "replace") if isinstance(error, bytes) else error
+            reply = f"{e.smtp_code} {text}"
             raise self.oauth_refused(exchange, token, reply) from e
 
     def send_test_email(self, timeout: float) -> None:

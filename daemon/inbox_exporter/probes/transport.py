@@ -12,11 +12,11 @@ import ipaddress
 import os
 import socket
 import ssl
-import time
 import threading
+import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import idna
 
@@ -186,9 +186,13 @@ def tls_facts(sock: ssl.SSLSocket) -> list[str]:
     cert = sock.getpeercert()  # parsed only when verified (else {}): then the DER's expiry
     if cert:
         def name(field: str) -> str:
-            return ", ".join(f"{k}={v}" for rdn in cert.get(field, ()) for k, v in rdn)
+            # typeshed types every value of the dict alike; subject and issuer are RDN tuples
+            rdns = cert.get(field, ())
+            return ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)  # type: ignore[str-unpack]
 
-        sans = ", ".join(v for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address"))
+        # (type, value) pairs: typeshed types every value of the dict alike
+        alt_names = cert.get("subjectAltName", ())
+        sans = ", ".join(v for k, v in alt_names if k in ("DNS", "IP Address"))  # type: ignore[str-unpack, misc]
         facts.append(f"certificate: subject {name('subject')}; issuer {name('issuer')}; "
                      f"SANs {sans or 'none'}; expires {cert.get('notAfter', '?')}")
     else:
@@ -223,7 +227,7 @@ def der_not_after(der: bytes) -> float | None:
         tag, s, e = _tlv(der, after_pos)
         text = der[s:e].decode("ascii")
         fmt = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime / GeneralizedTime
-        return datetime.strptime(text, fmt).replace(tzinfo=timezone.utc).timestamp()
+        return datetime.strptime(text, fmt).replace(tzinfo=UTC).timestamp()
     except (IndexError, ValueError, UnicodeDecodeError):
         return None
 

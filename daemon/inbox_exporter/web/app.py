@@ -94,7 +94,7 @@ class App:
         config = self.web_config.current() if self.web_config else None
         try:
             response = await self._guarded(scope, config)
-        except Exception:  # noqa: BLE001 - our bug: a 500 without details, the server goes on
+        except Exception:
             log.exception("HTTP handler crashed", extra={"path": scope.get("path")})
             response = Response.text(500, "internal error\n")
         await self._send(scope, send, response, config)
@@ -162,8 +162,12 @@ class App:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
+        def settle() -> None:
+            if not done.done():  # the client may have gone: the wait was cancelled
+                done.set_result(None)
+
         def finished(_result: Any) -> None:  # on a runner thread
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            loop.call_soon_threadsafe(settle)
 
         outcome = self.exporter.ondemand.start(name, finished)
         if isinstance(outcome, Refusal):
@@ -172,7 +176,7 @@ class App:
             return Response.text(outcome.status, outcome.message + "\n", *retry)
         try:  # a coroutine waiting, not a thread: the check runs on the runner
             await asyncio.wait_for(done, outcome.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return Response.text(504, "the check did not end in time; its result will be in "
                                  "/metrics\n")
         return Response(200, [self.exporter.probe_body(name).encode()], CONTENT_TYPE)

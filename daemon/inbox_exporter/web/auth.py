@@ -16,6 +16,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
@@ -89,7 +90,7 @@ def _verify(password: bytes, hashed: bytes) -> bool:
 class RateLimit:
     """A token bucket (exporter-toolkit's `rate_limit`: one token per interval, `burst` of them)."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._tokens: float | None = None  # a full bucket at the first request
         self._at = clock()

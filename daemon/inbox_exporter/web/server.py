@@ -45,7 +45,7 @@ class _Config(HypercornConfig):
         self._context = context
 
     @property
-    def ssl_enabled(self) -> bool:  # type: ignore[override]  # a property in the base class
+    def ssl_enabled(self) -> bool:
         return self._context is not None
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
@@ -125,9 +125,10 @@ class WebServer:
         loop.call_soon(self._started.set)
         try:
             loop.run_until_complete(worker_serve(
-                wrap_app(self.app, 0, "asgi"), self._hypercorn_config(), sockets=sockets,
+                wrap_app(self.app, 0, "asgi"),  # type: ignore[arg-type]  # our own scope types
+                self._hypercorn_config(), sockets=sockets,
                 shutdown_trigger=self._stop.wait))
-        except Exception:  # noqa: BLE001 - the server died: say so; /-/healthy cannot anymore
+        except Exception:
             log.exception("HTTP server stopped")
         finally:
             loop.close()

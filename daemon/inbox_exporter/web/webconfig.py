@@ -7,10 +7,12 @@
     rate_limit:          {interval, burst}
 
 As with the toolkit, whether TLS is served is decided when the server starts; everything else
-(certificates, client CAs, users, headers, rate limit) follows edits of the file without a
-restart: `WebConfigFile.current()` re-reads it when its modification time or size changed
-(looked at no more than once a second). An edit that breaks the file is logged once and the last
-good version stays in force: a typo must not open the endpoints, nor lock Prometheus out.
+(certificates, client CAs, users, headers, rate limit) follows edits without a restart:
+`WebConfigFile.current()` re-reads the file when it, or a certificate, key or CA file it names,
+changed (modification time, size, inode; looked at no more than once a second), so a renewal
+by certbot or cert-manager is served at the next connection. An edit that breaks the file is
+logged once and the last good version stays in force: a typo must not open the endpoints, nor
+lock Prometheus out.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, SecretStr, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
 
 from ..config import ConfigError, model_error, parse_duration
 from ..config.schema import _Strict
@@ -87,8 +90,8 @@ class TLSServerModel(_Strict):
     client_allowed_sans: list[str] | None = None
     min_version: Literal["TLS10", "TLS11", "TLS12", "TLS13"] = "TLS12"
     max_version: Literal["TLS10", "TLS11", "TLS12", "TLS13"] = "TLS13"
-    cipher_suites: list[str] = []
-    curve_preferences: list[str] = []
+    cipher_suites: list[str] = Field(default_factory=list)
+    curve_preferences: list[str] = Field(default_factory=list)
     prefer_server_cipher_suites: bool = True
 
     @field_validator("client_auth_type")
@@ -135,7 +138,7 @@ class TLSServerModel(_Strict):
 
 class HTTPServerModel(_Strict):
     http2: bool = True
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("headers")
     @classmethod
@@ -172,7 +175,8 @@ def _bcrypt_hash(value: Any) -> Any:
 class WebConfigModel(_Strict):
     tls_server_config: TLSServerModel = TLSServerModel()
     http_server_config: HTTPServerModel = HTTPServerModel()
-    basic_auth_users: dict[str, Annotated[SecretStr, BeforeValidator(_bcrypt_hash)]] = {}
+    basic_auth_users: dict[str, Annotated[SecretStr, BeforeValidator(_bcrypt_hash)]] = Field(
+        default_factory=dict)
     rate_limit: RateLimitModel = RateLimitModel()
 
 
@@ -186,6 +190,8 @@ class WebConfig:
     users: dict[str, bytes] = field(repr=False)  # user -> bcrypt hash
     rate_interval: float = 0.0
     rate_burst: int = 0
+    files: tuple[str, ...] = ()  # the certificate, key and client CA files it reads
+
 
     @property
     def basic_auth(self) -> bool:
@@ -217,8 +223,10 @@ def parse_web_config(path: str) -> WebConfig:
         tls = _tls_context(model.tls_server_config, base, path)
         tls.set_alpn_protocols(["h2", "http/1.1"] if model.http_server_config.http2
                                else ["http/1.1"])
+    t = model.tls_server_config
+    files = tuple(str(base / f) for f in (t.cert_file, t.key_file, t.client_ca_file) if f)
     return WebConfig(
-        tls=tls, http2=model.http_server_config.http2,
+        files=files, tls=tls, http2=model.http_server_config.http2,
         headers=tuple(model.http_server_config.headers.items()),
         users={u: h.get_secret_value().encode() for u, h in model.basic_auth_users.items()},
         rate_interval=model.rate_limit.interval, rate_burst=model.rate_limit.burst)
@@ -252,7 +260,7 @@ def _tls_context(t: TLSServerModel, base: Path, source: str) -> ssl.SSLContext:
     except (OSError, ssl.SSLError, ValueError) as e:
         raise fail("cert_file" if t.cert_file else "cert",
                    f"cannot load the certificate and key: {_reason(e)}") from None
-    ciphers = [CIPHER_SUITES[c] for c in t.cipher_suites if CIPHER_SUITES[c]]
+    ciphers = [name for c in t.cipher_suites if (name := CIPHER_SUITES[c])]
     if ciphers:
         ctx.set_ciphers(":".join(ciphers))
     if t.curve_preferences:
@@ -293,21 +301,24 @@ class WebConfigFile:
 
     CHECK_EVERY = 1.0  # seconds between looks at the file's mtime
 
-    def __init__(self, path: str, clock=time.monotonic):
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic):
         self.path = path
         self._clock = clock
         self._lock = threading.Lock()
-        self._stamp = self._stat()
         self._config = parse_web_config(path)  # ConfigError at start-up: fatal, as the toolkit
+        self._stamp = self._stat(self._config.files)
         self._checked = clock()
         self._bad_stamp: tuple | None = None
 
-    def _stat(self) -> tuple | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _stat(self, files: tuple[str, ...]) -> tuple:
+        def one(path: str) -> tuple | None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+        return tuple(one(p) for p in (self.path, *files))
 
     def current(self) -> WebConfig:
         now = self._clock()
@@ -317,7 +328,7 @@ class WebConfigFile:
             if now - self._checked < self.CHECK_EVERY:
                 return self._config
             self._checked = now
-            stamp = self._stat()
+            stamp = self._stat(self._config.files)
             if stamp == self._stamp or stamp == self._bad_stamp:
                 return self._config
             try:
@@ -332,6 +343,6 @@ class WebConfigFile:
                 log.error("web config file: turning TLS on or off needs a restart; keeping the "
                           "last good config", extra={"file": self.path})
                 return self._config
-            self._stamp, self._config = stamp, config
+            self._stamp, self._config = self._stat(config.files), config
             log.info("web config file reloaded", extra={"file": self.path})
             return config

@@ -155,8 +155,140 @@ for src in "$seed"/*; do
 done
 {{- end }}
 
+{{/*
+The web config file (--web.config.file, values: web). It and the files it names (the TLS
+certificate and key, the client CA) are mounted as ONE projected volume at webDir: the kubelet
+updates such a volume atomically, every file at once, and the web config file then resolves to a
+new file too, which is what makes the exporter re-read it. A renewed certificate is thus picked
+up without a restart, even though only the TLS Secret changed. (Separate volumes would leave the
+web config file untouched, and the exporter on the old certificate until it restarts.)
+*/}}
+{{- define "inbox-exporter.webDir" -}}
+/etc/inbox-exporter-web
+{{- end }}
+
+{{/* Is --web.config.file passed? */}}
+{{- define "inbox-exporter.webConfigFile" -}}
+{{- $w := .Values.web }}
+{{- if or $w.existingConfigSecret $w.config $w.tls.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The Secret holding the web config file: the chart's, or web.existingConfigSecret. */}}
+{{- define "inbox-exporter.webConfigSecretName" -}}
+{{- .Values.web.existingConfigSecret | default (printf "%s-web-config" (include "inbox-exporter.fullname" .)) }}
+{{- end }}
+
+{{/*
+Must the kubelet's probes do without HTTP? With client_auth_type RequireAndVerifyClientCert the
+TLS handshake needs a client certificate, which the kubelet cannot present.
+*/}}
+{{- define "inbox-exporter.webClientCertRequired" -}}
+{{- if and .Values.web.tls.enabled (eq .Values.web.tls.clientAuthType "RequireAndVerifyClientCert") }}true{{ end }}
+{{- end }}
+
+{{/* Combinations of web values the exporter would refuse at start-up, refused here first. */}}
+{{- define "inbox-exporter.webValidate" -}}
+{{- $w := .Values.web }}
+{{- $t := $w.tls }}
+{{- if and $w.existingConfigSecret $w.config }}
+{{- fail "web.config and web.existingConfigSecret: set one of them (the Secret holds the whole web config file)" }}
+{{- end }}
+{{- if and (not $t.enabled) (hasKey $w.config "tls_server_config") }}
+{{- fail "web.config.tls_server_config needs web.tls.enabled: true (web.tls mounts the certificate and sets the probes and the ServiceMonitor to HTTPS)" }}
+{{- end }}
+{{- if and $t.enabled (not $t.secretName) (not $w.existingConfigSecret) }}
+{{- fail "web.tls.enabled needs web.tls.secretName: a kubernetes.io/tls Secret (tls.crt, tls.key), e.g. the one a cert-manager Certificate writes" }}
+{{- end }}
+{{- if and (not $t.enabled) (or $t.secretName $t.clientCA.secretName (ne $t.clientAuthType "NoClientCert")) }}
+{{- fail "web.tls.secretName / clientCA / clientAuthType are set but web.tls.enabled is false" }}
+{{- end }}
+{{- if and (ne $t.clientAuthType "NoClientCert") (not $t.clientCA.secretName) (not $w.existingConfigSecret) }}
+{{- fail (printf "web.tls.clientAuthType %s needs web.tls.clientCA.secretName: the Secret holding the CA that issues the client certificates" $t.clientAuthType) }}
+{{- end }}
+{{- if and $t.clientCA.secretName (eq $t.clientAuthType "NoClientCert") }}
+{{- fail "web.tls.clientCA is set but web.tls.clientAuthType is NoClientCert: use VerifyClientCertIfGiven or RequireAndVerifyClientCert" }}
+{{- end }}
+{{- if and .Values.serviceMonitor.tlsConfig (not $t.enabled) }}
+{{- fail "serviceMonitor.tlsConfig is set but web.tls.enabled is false: the exporter serves plain HTTP" }}
+{{- end }}
+{{- end }}
+
+{{/*
+web-config.yml as the chart renders it: tls_server_config from web.tls (file names relative to
+the web config file, as exporter-toolkit resolves them: the projected volume puts them side by
+side), then web.config merged over it.
+*/}}
+{{- define "inbox-exporter.webConfigData" -}}
+{{- $t := .Values.web.tls }}
+{{- $cfg := dict }}
+{{- if $t.enabled }}
+{{- $tls := dict "cert_file" "tls.crt" "key_file" "tls.key" "client_auth_type" $t.clientAuthType "min_version" $t.minVersion }}
+{{- if $t.clientCA.secretName }}
+{{- $_ := set $tls "client_ca_file" "client-ca.crt" }}
+{{- end }}
+{{- $_ := set $cfg "tls_server_config" $tls }}
+{{- end }}
+{{- $cfg = mergeOverwrite $cfg (deepCopy .Values.web.config) }}
+# inbox-exporter web config (--web.config.file), rendered from the chart's `web` values.
+# The exporter re-reads it when it changes. Files are relative to this file's directory.
+{{ toYaml $cfg }}
+{{- end }}
+
+{{/* The projected volume: the web config file, the certificate and key, the client CA. */}}
+{{- define "inbox-exporter.webVolume" -}}
+{{- $w := .Values.web }}
+{{- $t := $w.tls }}
+projected:
+  defaultMode: 0440
+  sources:
+    - secret:
+        name: {{ include "inbox-exporter.webConfigSecretName" . }}
+        items:
+          - key: {{ ternary $w.existingConfigKey "web-config.yml" (not (empty $w.existingConfigSecret)) }}
+            path: web-config.yml
+    {{- if and $t.enabled $t.secretName }}
+    - secret:
+        name: {{ $t.secretName }}
+        items:
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
+    {{- end }}
+    {{- if and $t.enabled $t.clientCA.secretName }}
+    - secret:
+        name: {{ $t.clientCA.secretName }}
+        items:
+          - key: {{ $t.clientCA.key }}
+            path: client-ca.crt
+    {{- end }}
+{{- end }}
+
+{{/*
+A probe's handler ($path on the container port): HTTPS when TLS is on (the kubelet does not
+verify the certificate); a TCP connection when client certificates are required, because the
+kubelet cannot present one and the handshake would fail. The TCP probe then only says the port
+accepts connections, not what /-/healthy and /-/ready would.
+*/}}
+{{- define "inbox-exporter.probeHandler" -}}
+{{- $root := index . 0 }}
+{{- $path := index . 1 }}
+{{- if include "inbox-exporter.webClientCertRequired" $root }}
+tcpSocket:
+  port: http
+{{- else }}
+httpGet:
+  path: {{ $path }}
+  port: http
+  {{- if $root.Values.web.tls.enabled }}
+  scheme: HTTPS
+  {{- end }}
+{{- end }}
+{{- end }}
+
 {{/* The pod template shared by the Deployment (one replica) and the StatefulSet (shards). */}}
 {{- define "inbox-exporter.podTemplate" -}}
+{{- include "inbox-exporter.webValidate" . }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (int .Values.shutdownGracePeriodSeconds) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be greater than shutdownGracePeriodSeconds (%d): the kubelet would kill checks still finishing" (int .Values.terminationGracePeriodSeconds) (int .Values.shutdownGracePeriodSeconds)) }}
 {{- end }}
@@ -227,6 +359,18 @@ spec:
         - --shard.count={{ .Values.shards }}
         - --shard.index=hostname
         {{- end }}
+        {{- if include "inbox-exporter.webConfigFile" . }}
+        # no checksum annotation for the web config: the exporter re-reads the file when it
+        # changes, certificate renewals included (see webVolume); turning TLS on or off
+        # changes the probes, so the pods roll then anyway
+        - --web.config.file={{ include "inbox-exporter.webDir" . }}/web-config.yml
+        {{- end }}
+        {{- if .Values.web.enableLifecycle }}
+        - --web.enable-lifecycle
+        {{- end }}
+        {{- if .Values.web.enableProbe }}
+        - --web.enable-probe
+        {{- end }}
         {{- range .Values.extraArgs }}
         - {{ . | quote }}
         {{- end }}
@@ -239,21 +383,19 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       ports:
+        # named http also when it serves HTTPS (web.tls): the Service, the ServiceMonitor and
+        # the NetworkPolicy refer to it by this name
         - name: http
           containerPort: {{ .Values.port }}
           protocol: TCP
       {{- with .Values.livenessProbe }}
       livenessProbe:
-        httpGet:
-          path: /-/healthy
-          port: http
+        {{- include "inbox-exporter.probeHandler" (list $ "/-/healthy") | trim | nindent 8 }}
         {{- toYaml . | nindent 8 }}
       {{- end }}
       {{- with .Values.readinessProbe }}
       readinessProbe:
-        httpGet:
-          path: /-/ready
-          port: http
+        {{- include "inbox-exporter.probeHandler" (list $ "/-/ready") | trim | nindent 8 }}
         {{- toYaml . | nindent 8 }}
       {{- end }}
       {{- with .Values.resources }}
@@ -266,6 +408,11 @@ spec:
         - name: config
           mountPath: /etc/inbox-exporter
           readOnly: true
+        {{- if include "inbox-exporter.webConfigFile" . }}
+        - name: web-config
+          mountPath: {{ include "inbox-exporter.webDir" . }}
+          readOnly: true
+        {{- end }}
         {{- if .Values.oauthTokens.enabled }}
         - name: oauth-tokens
           mountPath: {{ .Values.oauthTokens.mountPath }}
@@ -284,6 +431,10 @@ spec:
   volumes:
     - name: config
       {{- include "inbox-exporter.configVolume" . | trim | nindent 6 }}
+    {{- if include "inbox-exporter.webConfigFile" . }}
+    - name: web-config
+      {{- include "inbox-exporter.webVolume" . | trim | nindent 6 }}
+    {{- end }}
     {{- $o := .Values.oauthTokens }}
     {{- if $o.enabled }}
     {{- if eq $o.storage "emptyDir" }}
