@@ -60,7 +60,7 @@ def setup(level: str = "info", fmt: str = "logfmt", stream: TextIO = sys.stderr)
     # that reach a handler, whatever the level.
     logging.getLogger("imapclient").setLevel(logging.WARNING)
     # httpx logs every token request at INFO, authlib its token handling at DEBUG: ours to say.
-    for name in ("httpx", "httpcore", "authlib"):
+    for name in ("httpx", "httpx2", "httpcore", "authlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # APScheduler logs every job run at INFO: one line per check is ours to write, not its.
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
