@@ -49,7 +49,7 @@ PANEL_TYPES = {"row", "text", "stat", "table", "timeseries", "bargauge", "state-
 
 # The optional delivery step's metrics (issue 5), and the only row that reads them.
 DELIVERY_METRICS = ("inbox_delivery_duration_seconds", "inbox_delivery_success",
-                    "inbox_delivery_latency_seconds_bucket")
+                    "inbox_delivery_latency_seconds_bucket", "inbox_delivery_auth_result")
 DELIVERY_ROW = "Delivery (when enabled)"
 
 # Grafana's built-in interval variables, replaced by windows that hold data after a few

@@ -18,7 +18,8 @@ UNIT_TESTS = sorted((RULES_DIR / "tests").glob("*.yml"))
 SEVERITIES = {"critical", "warning", "info"}
 # The alerts on inbox_failure_info: together they must take every failure exactly once.
 FAILURE_ALERTS = ("InboxCheckFailing", "InboxIPAllowlistSuspected", "InboxConnectionLimit",
-                  "InboxAppPasswordRequired", "InboxCertificateUntrusted")
+                  "InboxAppPasswordRequired", "InboxCertificateUntrusted",
+                  "InboxDeliverabilityDegraded")
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:

@@ -95,6 +95,8 @@ RULES: tuple[Rule, ...] = (
     # Delivery: the mail was sent; was it delivered, and where?
     Rule(Reason.DELIVERY_TIMEOUT, Category.DELIVERY_FAILED, errors=(errors.DeliveryTimeout,)),
     Rule(Reason.DELIVERED_TO_JUNK, Category.DELIVERY_FAILED, errors=(errors.DeliveredToJunk,)),
+    Rule(Reason.AUTHENTICATION_FAILED, Category.DELIVERY_FAILED,
+         errors=(errors.AuthenticationFailed,)),
     # Certificates: their own category on either protocol.
     Rule(Reason.CERTIFICATE_EXPIRED, Category.CERTIFICATE_UNTRUSTED, errors=(_CERT,),
          text=r"expired"),
@@ -326,6 +328,11 @@ HINTS: Mapping[Reason, str] = {
     Reason.DELIVERED_TO_JUNK: "The test email arrived, but in the Junk folder: the provider flags "
                               "this inbox's mail as spam. Check SPF, DKIM and DMARC for the "
                               "sender's domain and the provider's spam settings.",
+    Reason.AUTHENTICATION_FAILED: "The test email arrived, but the receiving server's "
+                                  "Authentication-Results say it failed DMARC, or neither SPF nor "
+                                  "DKIM passed: receivers will send this inbox's mail to spam or "
+                                  "reject it. The detail shows each method's result; fix the "
+                                  "sender domain's SPF record, DKIM key or From alignment.",
     Reason.UNKNOWN: "The server refused without saying why. Check the {proto} server and port "
                     "settings ({ports}) and the credentials; ask your IT team or provider what "
                     "the detail means.",

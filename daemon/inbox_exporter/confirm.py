@@ -33,6 +33,8 @@ from . import errors
 from .classify import Context, classify
 from .config import Inbox
 from .deadline import WATCHDOG
+from .deliverability import Verdict, read_verdict
+from .deliverability import hint as deliverability_hint
 from .limits import ConnectionLimits
 from .model import Phase, Status, Step, StepResult
 from .oauth.tokens import TokenCache
@@ -56,6 +58,10 @@ SWEEP_RETRY = 30.0  # seconds before a sweep that found its account busy tries a
 SWEEP_ATTEMPTS = 10
 
 
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
 @dataclass(frozen=True)
 class DeliveryResult:
     inbox: str
@@ -63,6 +69,7 @@ class DeliveryResult:
     step: StepResult  # duration_seconds: found - accepted by the SMTP server
     received_seconds: float | None = None  # last Received: header - accepted, when present
     folder: str | None = None
+    verdict: Verdict | None = None  # SPF/DKIM/DMARC where it landed (None: not found)
 
 
 @dataclass(order=True)
@@ -236,12 +243,17 @@ class DeliveryConfirmer:
                 delivery.remove(client, folder, probe_id, delivery.trash_folder(client),
                                 self.probe_key)
             received = found.received[0] - accepted_at if found.received else None
+            verdict = read_verdict(found.auth_results, found.arc_results, d.authserv_ids)
             if folder == junk:
                 return self._failed(inbox, probe_id, errors.DeliveredToJunk(
-                    f"found in {folder} after {now - accepted_at:.1f}s"), Phase.COMMAND,
-                    accepted_at, folder=folder)
+                    f"found in {folder} after {now - accepted_at:.1f}s; {verdict.summary()}"),
+                    Phase.COMMAND, accepted_at, folder=folder, verdict=verdict)
+            if verdict.failed:
+                return self._failed(inbox, probe_id, errors.AuthenticationFailed(
+                    verdict.summary()), Phase.COMMAND, accepted_at, folder=folder,
+                    verdict=verdict, hint=deliverability_hint(verdict, _domain(inbox.email)))
             step = StepResult(Step.DELIVERY, Status.OK, max(0.0, now - accepted_at))
-            return DeliveryResult(inbox.name, probe_id, step, received, folder)
+            return DeliveryResult(inbox.name, probe_id, step, received, folder, verdict)
         if not final:
             return None
         return self._failed(inbox, probe_id, errors.DeliveryTimeout(
@@ -288,19 +300,22 @@ class DeliveryConfirmer:
         return out
 
     def _failed(self, inbox: Inbox, probe_id: str, exc: BaseException, phase: Phase,
-                accepted_at: float, folder: str | None = None) -> DeliveryResult:
+                accepted_at: float, folder: str | None = None, verdict: Verdict | None = None,
+                hint: str | None = None) -> DeliveryResult:
         d = inbox.delivery
         assert d is not None
         ctx = Context(d.imap.host, d.imap.port, d.imap.security, inbox.provider)
         diagnosis = classify(Step.DELIVERY, exc, phase, ctx,
                              (*inbox.secrets(), *self.tokens.secrets()))
+        if hint is not None:  # what this verdict needs fixed, rather than the general advice
+            diagnosis = replace(diagnosis, hint=hint)
         log.warning("step failed", extra={"inbox": inbox.name, "step": Step.DELIVERY.value,
                                            "category": diagnosis.category.value,
                                            "reason": diagnosis.reason.value,
                                            "detail": diagnosis.detail})
         step = StepResult(Step.DELIVERY, Status.FAILED, max(0.0, self._wall() - accepted_at),
                           diagnosis)
-        return DeliveryResult(inbox.name, probe_id, step, None, folder)
+        return DeliveryResult(inbox.name, probe_id, step, None, folder, verdict)
 
     def sweep_now(self, inbox: Inbox, attempt: int = 0) -> None:
         d = inbox.delivery

@@ -50,6 +50,10 @@ class DeliveredToJunk(ProbeError):
     """The test email arrived, but in the Junk folder."""
 
 
+class AuthenticationFailed(ProbeError):
+    """The test email arrived, but the receiving server's SPF/DKIM/DMARC verdict failed it."""
+
+
 class OAuthTokenError(ProbeError):
     """Getting an access token from the identity provider failed."""
 

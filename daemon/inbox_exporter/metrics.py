@@ -60,6 +60,9 @@ INBOX_FAMILIES: dict[str, tuple[str, str]] = {
         "Junk, watcher error); NaN until the first confirmation. Only for inboxes with `delivery`.")),
     "inbox_delivery_duration_seconds": ("gauge", (
         "Time from the SMTP server accepting the last test email to finding it.")),
+    "inbox_delivery_auth_result": ("gauge", (
+        "1, with the receiving server's SPF, DKIM or DMARC result for the last test email found "
+        "(Authentication-Results); one series per method. Only for inboxes with `delivery`.")),
     "inbox_tls_certificate_trusted": ("gauge", (
         "1 if the server certificate seen in the last check was verified, 0 if not (or verification was "
         "disabled).")),
@@ -118,6 +121,9 @@ def render_inbox(state: InboxState, expose_email: bool = False) -> dict[str, str
         found = state.delivery
         add("inbox_delivery_success", None if found is None else found.step.status is Status.OK)
         add("inbox_delivery_duration_seconds", None if found is None else found.step.duration_seconds)
+        if found is not None and found.verdict is not None:
+            for method, outcome in found.verdict.results.items():
+                add("inbox_delivery_auth_result", 1, method=method, result=outcome)
         if found is not None and found.step.diagnosis is not None:
             d = found.step.diagnosis
             add("inbox_failure_info", 1, step=found.step.step.value, category=d.category.value,

@@ -103,6 +103,7 @@ class Reason(StrEnum):
     TIMEOUT = "timeout"
     DELIVERY_TIMEOUT = "delivery_timeout"
     DELIVERED_TO_JUNK = "delivered_to_junk"
+    AUTHENTICATION_FAILED = "authentication_failed"  # delivered, but failed DMARC (or SPF and DKIM)
     UNKNOWN = "unknown"
 
 

@@ -71,6 +71,12 @@ def inbox_status(state: InboxState, next_run: float | None, recent: Sequence[Ent
         "delivery": None if state.delivery is None else {
             **state.delivery.step.to_json(), "probe_id": state.delivery.probe_id,
             "folder": state.delivery.folder,
+            "authentication": None if state.delivery.verdict is None else {
+                "results": state.delivery.verdict.results,
+                "reasons": state.delivery.verdict.reasons,
+                "authserv_id": state.delivery.verdict.authserv_id,
+                "source": state.delivery.verdict.source,
+                "summary": state.delivery.verdict.summary()},
             "received_seconds": state.delivery.received_seconds},
         # Recent checks, newest first, then failures that scrolled out: what happened before.
         "history": [_summary(e) for e in (*reversed(recent[-SHOWN:]), *reversed(older_failures))],

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from .. import providers
+from ..deliverability import PRESET_AUTHSERV_IDS
 from ..probes.transport import ascii_host
 from ..providers import Endpoint
 from ..redact import sasl_plain
@@ -75,6 +76,7 @@ class Delivery:
     folders: tuple[str, ...]
     cleanup: bool
     oauth: OAuth2 | None = None
+    authserv_ids: tuple[str, ...] | None = None  # None: believe the topmost header
 
 
 @dataclass(frozen=True)
@@ -305,10 +307,15 @@ def _delivery(model: DeliveryModel | None, raw: InboxModel, imap: Endpoint,
     if model is None:
         return None
     folders = tuple(model.folders)
+    ids = model.authserv_id
+    # The preset's id only when the mail lands in the inbox itself (its provider's servers).
+    authserv_ids = ((ids,) if isinstance(ids, str) else tuple(ids) if ids is not None
+                    else PRESET_AUTHSERV_IDS.get(raw.provider or "")
+                    if model.mailbox == "self" else None)
     if model.mailbox == "self":
         return Delivery(own=True, imap=imap, username=raw.username or raw.email,
                         password=password, timeout=model.timeout, folders=folders,
-                        cleanup=model.cleanup, oauth=oauth)
+                        cleanup=model.cleanup, oauth=oauth, authserv_ids=authserv_ids)
     account = model.mailbox
 
     def fail(key: str, message: str) -> ConfigError:
@@ -319,7 +326,8 @@ def _delivery(model: DeliveryModel | None, raw: InboxModel, imap: Endpoint,
     return Delivery(own=False, imap=ep, username=account.username,
                     password=_secret(account, "password", environ, fail, inline=True,
                                      required=True),
-                    timeout=model.timeout, folders=folders, cleanup=model.cleanup)
+                    timeout=model.timeout, folders=folders, cleanup=model.cleanup,
+                    authserv_ids=authserv_ids)
 
 
 def _secret(raw: InboxModel | DeliveryAccountModel | AuthModel, key: str,

@@ -190,6 +190,9 @@ class DeliveryModel(_Strict):
     timeout: Duration = 120.0
     folders: list[str] = ["INBOX"]
     cleanup: bool = True
+    # Whose Authentication-Results to believe (RFC 8601 authserv-id); default: the provider
+    # preset's, else the topmost header.
+    authserv_id: str | list[str] | None = None
 
 
 class _Overridable(_Strict):

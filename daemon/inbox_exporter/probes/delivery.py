@@ -29,7 +29,8 @@ JUNK_NAMES = ("Junk", "Spam", "Junk E-mail", "Junk Email", "[Gmail]/Spam", "Bulk
               "INBOX.Spam")
 SENT_NAMES = ("Sent", "Sent Items", "Sent Messages", "Sent Mail", "[Gmail]/Sent Mail", "INBOX.Sent")
 TRASH_NAMES = ("Trash", "Deleted Items", "Deleted Messages", "[Gmail]/Trash", "INBOX.Trash")
-_HEADERS = f"BODY.PEEK[HEADER.FIELDS ({PROBE_HEADER} MESSAGE-ID RECEIVED)]"
+_HEADERS = (f"BODY.PEEK[HEADER.FIELDS ({PROBE_HEADER} MESSAGE-ID RECEIVED "
+            "AUTHENTICATION-RESULTS ARC-AUTHENTICATION-RESULTS)]")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Found:
     uid: int
     internal_date: float  # when the server stored it (Unix time)
     received: tuple[float, ...]  # Received: header timestamps, newest first
+    auth_results: tuple[str, ...] = ()  # Authentication-Results values, topmost first
+    arc_results: tuple[str, ...] = ()  # ARC-Authentication-Results values
 
 
 def is_ours(headers: bytes, key: ProbeKey, probe_id: str | None = None) -> bool:
@@ -86,7 +89,10 @@ def find(client: IMAPClient, folder: str, probe_id: str, key: ProbeKey) -> Found
     uids = client.search(["HEADER", PROBE_HEADER, probe_id])
     for uid, d in _ours(client, uids, probe_id, key).items():
         key = next(k for k in d if k.startswith(b"BODY[HEADER"))
-        return Found(folder, uid, _timestamp(d[b"INTERNALDATE"]), _received(d[key]))
+        msg = BytesHeaderParser().parsebytes(d[key])
+        return Found(folder, uid, _timestamp(d[b"INTERNALDATE"]), _received(d[key]),
+                     tuple(str(v) for v in msg.get_all("Authentication-Results") or ()),
+                     tuple(str(v) for v in msg.get_all("ARC-Authentication-Results") or ()))
     return None
 
 
