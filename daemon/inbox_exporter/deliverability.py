@@ -65,20 +65,23 @@ NO_VERDICT = Verdict()
 def read_verdict(auth_results: Sequence[str], arc_results: Sequence[str] = (),
                  trusted: Iterable[str] | None = None) -> Verdict:
     """The verdict from a message's header values, topmost first. `trusted`: authserv-ids to
-    believe (case-insensitive); None believes the topmost header."""
-    ids = None if trusted is None else {t.lower() for t in trusted}
-    for value in auth_results:
-        parsed = _parse(value)
-        if parsed is not None and (ids is None or parsed[0].lower() in ids):
-            return _verdict(*parsed, source="Authentication-Results")
-        if ids is None:
-            break  # the topmost did not parse: nothing below it is the receiver's
+    believe (case-insensitive); None believes the topmost header's id.
+
+    A receiver may write one header per verifier (Postfix with OpenDMARC, OpenDKIM and an SPF
+    policy service writes three, all with its id): the trusted headers are merged, the topmost
+    result of each method winning, so a header further down cannot overrule the receiver's."""
+    parsed = [p for p in map(_parse, auth_results) if p is not None]
+    ids = ({t.lower() for t in trusted} if trusted is not None
+           else {parsed[0][0].lower()} if parsed else set())
+    mine = [p for p in parsed if p[0].lower() in ids]
+    if mine:
+        return _verdict(mine, source="Authentication-Results")
     arcs = sorted(((int(m.group(1)), _ARC_INSTANCE.sub("", v, count=1))
                    for v in arc_results if (m := _ARC_INSTANCE.match(v))), reverse=True)
     for _, value in arcs:  # the highest instance: the last hop that sealed the chain
-        parsed = _parse(value)
-        if parsed is not None and (ids is None or parsed[0].lower() in ids):
-            return _verdict(*parsed, source="ARC-Authentication-Results")
+        arc = _parse(value)
+        if arc is not None and (trusted is None or arc[0].lower() in ids):
+            return _verdict([arc], source="ARC-Authentication-Results")
     return NO_VERDICT
 
 
@@ -95,20 +98,28 @@ def _parse(value: str) -> tuple[str, list] | None:
     return authserv_id, list(header.results)
 
 
-def _verdict(authserv_id: str, results: list, source: str) -> Verdict:
-    out = dict.fromkeys(METHODS, "none")
+def _verdict(headers: list[tuple[str, list]], source: str) -> Verdict:
+    out: dict[str, str | None] = dict.fromkeys(METHODS)
     reasons: dict[str, str] = {}
-    for r in results:
-        method = str(r.method).lower()
-        if method not in out or out[method] == "pass":
-            continue  # one passing DKIM signature is enough (several may be checked)
-        value = str(r.result).lower()
-        out[method] = _ALIASES.get(value, value if value in RESULTS else "none")
-        if r.reason:
-            reasons[method] = str(r.reason)
-        elif method in reasons:
-            del reasons[method]
-    return Verdict(out, reasons, authserv_id, source)
+    for _, results in headers:
+        seen_here: set[str] = set()
+        for r in results:
+            method = str(r.method).lower()
+            if method not in out:
+                continue
+            if out[method] is not None and method not in seen_here:
+                continue  # a header higher up already said: it wins
+            if out[method] == "pass":
+                continue  # one passing DKIM signature is enough (several may be checked)
+            seen_here.add(method)
+            value = str(r.result).lower()
+            out[method] = _ALIASES.get(value, value if value in RESULTS else "none")
+            if r.reason:
+                reasons[method] = str(r.reason)
+            else:
+                reasons.pop(method, None)
+    results_ = {m: v or "none" for m, v in out.items()}
+    return Verdict(results_, reasons, headers[0][0], source)
 
 
 # Where the presets' mail lands and who writes the header there.

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import tls as _tls
+from .deliverability import Deliverability
 from .dovecot import DovecotInstance, DovecotSpec
 from .errors import LabError
 from .oauth import OAuthServer
@@ -57,6 +58,7 @@ NETUSER_ALLOW_NETS = "10.0.0.0/8"
 # the mailbox the `daemon-app` OAuth client (client_credentials) is bound to
 DAEMON_APP_USER = "alice"
 _LOCAL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_DOMAIN_RE = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)+$")
 
 # sun_path is 108 bytes; Dovecot's longest socket below base_dir is ~25 chars
 _MAX_RUN_DIR_LEN = 60
@@ -99,6 +101,7 @@ class Ports:
     submission_oauth: int
     smtps_oauth: int
     oidc: int
+    mx: int   # the deliverability lab's receiving smtpd (lab.deliverability), no AUTH
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -159,6 +162,8 @@ class MailLab:
         self.oauth = OAuthServer(lab_id=self.id, workdir=self.workdir, log_dir=self.logs_dir,
                                  accounts=self._accounts(),
                                  daemon_mailbox=self.users[DAEMON_APP_USER].address)
+        # SPF/DKIM/DMARC verifiers and their DNS: started on first use (deliverability.py)
+        self.deliverability = Deliverability(self)
         self._running = False
         self.timings: dict[str, float] = {}
         mail = None
@@ -207,12 +212,14 @@ class MailLab:
         """Accounts of the OAuth server's login page: every lab user, same password."""
         return {u.address: u.password for u in self.users.values()}
 
-    def _new_user(self, local: str, password: str) -> LabUser:
+    def _new_user(self, local: str, password: str, domain: str = DOMAIN) -> LabUser:
         if not _LOCAL_RE.match(local):
             raise LabError(f"invalid local part {local!r} (use [a-z0-9._-])")
+        if not _DOMAIN_RE.match(domain):
+            raise LabError(f"invalid domain {domain!r}")
         if not password or any(c in password for c in "\n\r\0"):
             raise LabError("password must be non-empty and single-line")
-        return LabUser(local=local, address=f"{local}@{DOMAIN}", password=password)
+        return LabUser(local=local, address=f"{local}@{domain}", password=password)
 
     # ---------------------------------------------------------------- start
     def start(self) -> MailLab:
@@ -376,7 +383,7 @@ class MailLab:
             lab_id=self.id, workdir=self.workdir, log_dir=self.logs_dir, domain=DOMAIN,
             hostname=HOSTNAME, good_cert=self.tls.good_cert, good_key=self.tls.good_key,
             lmtp_port=p.lmtp, sasl_socket=self._dovecots["main"].auth_socket_path,
-            listeners=self._smtp_listeners(p))
+            listeners=self._smtp_listeners(p), mx=self.deliverability.mx_spec(p.mx))
         self._postfix.write_config([u.address for u in self.users.values()])
 
         # Dovecot masters and node start in the background while Postfix starts.
@@ -481,7 +488,7 @@ class MailLab:
         """Stop every server of this lab and wait until they are gone.
         Safe to call twice, or on a lab that never started."""
         if (not self._running and self._postfix is None and not self._dovecots
-                and self.oauth.proc is None):
+                and self.oauth.proc is None and not self.deliverability.popens()):
             return
         t0 = time.monotonic()
         try:
@@ -508,6 +515,7 @@ class MailLab:
         procs = [i.proc for i in self._dovecots.values() if i.proc is not None]
         if self.oauth.proc is not None:
             procs.append(self.oauth.proc)
+        procs += self.deliverability.popens()
         roots = [p.pid for p in procs]
         if self._postfix is not None:
             pid = self._postfix.master_pid or self._postfix.read_master_pid()
@@ -521,6 +529,7 @@ class MailLab:
             inst.proc = None
             inst.cleanup_pidfile()
         self.oauth.proc = None
+        self.deliverability.forget()
         # stragglers forked after we listed the trees, or orphans; match by
         # workdir only while we hold its lock (it may be another lab's)
         left = _lab_pids(self.id, self.workdir if self._lock_fd is not None else None)
@@ -578,12 +587,13 @@ class MailLab:
         if not (d / "dict-deny.conf").exists() or (d / "dict-deny.conf").read_text() != deny_conf:
             write_file(d / "dict-deny.conf", deny_conf, 0o644)
 
-    def add_user(self, local: str, password: str) -> LabUser:
+    def add_user(self, local: str, password: str, *, domain: str | None = None) -> LabUser:
         """A new mailbox user, usable at once for IMAP login, SMTP AUTH and
-        as a recipient (no restart)."""
+        as a recipient (no restart).  `domain`: its address's domain (default
+        example.test); Dovecot knows users by local part, so locals stay unique."""
         if local in self.users:
             raise LabError(f"user {local!r} exists already (use set_password)")
-        user = self._new_user(local, password)
+        user = self._new_user(local, password, domain or DOMAIN)
         self.users[local] = user
         self.oauth.set_accounts(self._accounts())
         if self._running:
@@ -596,7 +606,7 @@ class MailLab:
         """Change a password; the next login (IMAP or SMTP AUTH) uses it."""
         if local not in self.users:
             raise LabError(f"no such user {local!r}")
-        user = self._new_user(local, new_password)
+        user = self._new_user(local, new_password, self.users[local].address.split("@", 1)[1])
         self.users[local] = user
         self.oauth.set_accounts(self._accounts())
         if self._running:
@@ -674,11 +684,14 @@ class MailLab:
         for n in ("limited", "selfsigned", "expired", "wronghost", "oauth"):
             names[f"dovecot-{n}"] = self.logs_dir / f"dovecot-{n}.log"
         names["oidc"] = self.oauth.log_path
+        names["verifiers"] = self.deliverability.log_path
+        names["nsd"] = self.deliverability.nsd_log_path
         return names
 
     def log_tail(self, which: str = "dovecot", lines: int = 50) -> str:
         """Tail of a server log: "dovecot", "dovecot-limited", "dovecot-selfsigned",
-        "dovecot-expired", "dovecot-wronghost", "dovecot-oauth", "postfix", "oidc"."""
+        "dovecot-expired", "dovecot-wronghost", "dovecot-oauth", "postfix", "oidc",
+        "verifiers" (OpenDKIM, OpenDMARC, policyd-spf), "nsd"."""
         files = self.log_files()
         if which == "dovecot-main":
             which = "dovecot"
