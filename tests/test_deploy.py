@@ -963,12 +963,36 @@ def test_web_config_is_valid_for_the_daemon(values, sets, verify, tmp_path):
     "serviceMonitor.tlsConfig.insecureSkipVerfy=true",  # unknown nested key
     "serviceMonitor.tlsConfig.ca.secret.name=tls",  # a key reference without its key
     "serviceMonitor.basicAuth.username.key=user",  # basic auth without a password
+    "history.enable=true",                   # unknown nested key (enabled)
+    "history.mountPath=/etc/inbox-exporter/history",  # inside the config volume
 ])
 def test_schema_rejects_typos(setting):
     proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION,
                 "--set", setting, check=False)
     assert proc.returncode != 0, f"--set {setting} rendered:\n{proc.stdout[:500]}"
     assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("sets", [(), ("shards=3",)], ids=["deployment", "statefulset"])
+def test_history_is_off_by_default_and_kept_in_a_volume_when_enabled(sets):
+    assert not any(a.startswith("--storage.path") for a in container(render(None, *sets))["args"])
+    objects = render(None, *sets, "history.enabled=true")
+    c, spec = container(objects), pod_spec(objects)
+    assert "--storage.path=/var/lib/inbox-exporter/history" in c["args"]
+    assert {"name": "history", "mountPath": "/var/lib/inbox-exporter/history"} in c["volumeMounts"]
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["history"] == {"name": "history", "emptyDir": {"sizeLimit": "256Mi"}}
+    assert spec["securityContext"]["fsGroup"] == UID  # writable by the exporter
+
+
+def test_history_in_an_existing_claim_and_not_with_shards():
+    objects = render(None, "history.enabled=true", "history.existingClaim=inbox-history")
+    vols = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    assert vols["history"]["persistentVolumeClaim"] == {"claimName": "inbox-history"}
+    proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, "--set",
+                "history.enabled=true", "--set", "history.existingClaim=x", "--set", "shards=2",
+                check=False)
+    assert proc.returncode != 0 and "history.existingClaim works with shards: 1 only" in proc.stderr
 
 
 def test_inline_password_is_rejected():

@@ -365,6 +365,9 @@ spec:
         # changes the probes, so the pods roll then anyway
         - --web.config.file={{ include "inbox-exporter.webDir" . }}/web-config.yml
         {{- end }}
+        {{- if .Values.history.enabled }}
+        - --storage.path={{ .Values.history.mountPath }}
+        {{- end }}
         {{- if .Values.web.enableLifecycle }}
         - --web.enable-lifecycle
         {{- end }}
@@ -417,6 +420,10 @@ spec:
         - name: oauth-tokens
           mountPath: {{ .Values.oauthTokens.mountPath }}
         {{- end }}
+        {{- if .Values.history.enabled }}
+        - name: history
+          mountPath: {{ .Values.history.mountPath }}
+        {{- end }}
         {{- range .Values.extraSecretMounts }}
         - name: {{ .name }}
           mountPath: {{ .mountPath }}
@@ -434,6 +441,21 @@ spec:
     {{- if include "inbox-exporter.webConfigFile" . }}
     - name: web-config
       {{- include "inbox-exporter.webVolume" . | trim | nindent 6 }}
+    {{- end }}
+    {{- $h := .Values.history }}
+    {{- if $h.enabled }}
+    {{- if $h.existingClaim }}
+    {{- if include "inbox-exporter.sharded" . }}
+    {{- fail "history.existingClaim works with shards: 1 only: each shard keeps the history of its own inboxes (leave it empty for an emptyDir)" }}
+    {{- end }}
+    - name: history
+      persistentVolumeClaim:
+        claimName: {{ $h.existingClaim }}
+    {{- else }}
+    - name: history
+      emptyDir:
+        sizeLimit: {{ $h.sizeLimit }}
+    {{- end }}
     {{- end }}
     {{- $o := .Values.oauthTokens }}
     {{- if $o.enabled }}
