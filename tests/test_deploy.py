@@ -500,8 +500,8 @@ def test_oauth_tokens_sharded_get_a_claim_per_pod():
     chart, each seeded by the init container."""
     objects = render(ci("everything"))
     sts = one(objects, "StatefulSet", FULLNAME)
-    [template] = sts["spec"]["volumeClaimTemplates"]
-    assert template["metadata"]["name"] == "oauth-tokens"
+    templates = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+    template = templates["oauth-tokens"]  # (and "history": test_history_claim_per_shard)
     assert template["spec"] == {"accessModes": ["ReadWriteOnce"],
                                 "resources": {"requests": {"storage": "128Mi"}}}
     assert not find(objects, "PersistentVolumeClaim")
@@ -965,6 +965,13 @@ def test_web_config_is_valid_for_the_daemon(values, sets, verify, tmp_path):
     "serviceMonitor.basicAuth.username.key=user",  # basic auth without a password
     "history.enable=true",                   # unknown nested key (enabled)
     "history.mountPath=/etc/inbox-exporter/history",  # inside the config volume
+    "history.mountPath=/etc/inbox-exporter-web",  # the web volume
+    "history.mountPath=var/lib/history",     # not absolute
+    "history.storage=hostPath",              # not an allowed value
+    "history.existingClaim=history",         # not here: persistentVolumeClaim.existingClaim
+    "history.persistentVolumeClaim.storageClass=fast",  # unknown (storageClassName)
+    "history.persistentVolumeClaim.size=lots",  # not a quantity
+    "history.emptyDir.sizelimit=1Gi",        # unknown nested key (sizeLimit)
 ])
 def test_schema_rejects_typos(setting):
     proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION,
@@ -973,26 +980,145 @@ def test_schema_rejects_typos(setting):
     assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
 
 
+# --- check history (values: history) ----------------------------------------------------
+
+HISTORY_PATH = "/var/lib/inbox-exporter/history"  # the default mountPath
+HISTORY_MOUNT = {"name": "history", "mountPath": HISTORY_PATH}  # read-write
+
+
+def history_values(name: str) -> dict:
+    return yaml.safe_load(ci(name).read_text())["history"]
+
+
+def volumes(objects) -> dict[str, dict]:
+    return {v["name"]: v for v in pod_spec(objects)["volumes"]}
+
+
 @pytest.mark.parametrize("sets", [(), ("shards=3",)], ids=["deployment", "statefulset"])
-def test_history_is_off_by_default_and_kept_in_a_volume_when_enabled(sets):
-    assert not any(a.startswith("--storage.path") for a in container(render(None, *sets))["args"])
+def test_history_is_off_by_default_and_kept_in_an_emptydir_when_enabled(sets):
+    objects = render(None, *sets)
+    c = container(objects)
+    assert not any(a.startswith("--storage.path") for a in c["args"])
+    assert "history" not in volumes(objects)
+    assert "history" not in {m["name"] for m in c["volumeMounts"]}
     objects = render(None, *sets, "history.enabled=true")
     c, spec = container(objects), pod_spec(objects)
-    assert "--storage.path=/var/lib/inbox-exporter/history" in c["args"]
-    assert {"name": "history", "mountPath": "/var/lib/inbox-exporter/history"} in c["volumeMounts"]
-    vols = {v["name"]: v for v in spec["volumes"]}
-    assert vols["history"] == {"name": "history", "emptyDir": {"sizeLimit": "256Mi"}}
-    assert spec["securityContext"]["fsGroup"] == UID  # writable by the exporter
+    assert f"--storage.path={HISTORY_PATH}" in c["args"]
+    assert HISTORY_MOUNT in c["volumeMounts"]  # no readOnly: the exporter writes history.db
+    assert volumes(objects)["history"] == {"name": "history", "emptyDir": {"sizeLimit": "256Mi"}}
+    assert not find(objects, "PersistentVolumeClaim")
+    assert "volumeClaimTemplates" not in workload(objects)["spec"]
+    # written by the image's user: the volume belongs to the pod's fsGroup
+    assert spec["securityContext"]["fsGroup"] == UID == c["securityContext"]["runAsUser"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert_daemon_accepts(c["args"])
 
 
-def test_history_in_an_existing_claim_and_not_with_shards():
-    objects = render(None, "history.enabled=true", "history.existingClaim=inbox-history")
-    vols = {v["name"]: v for v in pod_spec(objects)["volumes"]}
-    assert vols["history"]["persistentVolumeClaim"] == {"claimName": "inbox-history"}
-    proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, "--set",
-                "history.enabled=true", "--set", "history.existingClaim=x", "--set", "shards=2",
-                check=False)
-    assert proc.returncode != 0 and "history.existingClaim works with shards: 1 only" in proc.stderr
+def test_history_emptydir_in_memory_and_elsewhere():
+    objects = render(None, "history.enabled=true", "history.emptyDir.medium=Memory",
+                     "history.emptyDir.sizeLimit=32Mi", "history.mountPath=/var/lib/history")
+    assert volumes(objects)["history"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Mi"}
+    c = container(objects)
+    assert "--storage.path=/var/lib/history" in c["args"]
+    assert {"name": "history", "mountPath": "/var/lib/history"} in c["volumeMounts"]
+
+
+def test_history_claim_of_the_deployment():
+    """history.storage: persistentVolumeClaim with one replica: the chart's claim
+    <fullname>-history (ci/existing-secret), or an existing one."""
+    pvc = history_values("existing-secret")["persistentVolumeClaim"]
+    objects = render(ci("existing-secret"))
+    one(objects, "Deployment", FULLNAME)
+    claim = one(objects, "PersistentVolumeClaim", f"{FULLNAME}-history")
+    assert claim["metadata"]["namespace"] == NAMESPACE
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"],
+                             "storageClassName": pvc["storageClassName"],
+                             "resources": {"requests": {"storage": pvc["size"]}}}
+    assert volumes(objects)["history"] == {"name": "history", "persistentVolumeClaim": {
+        "claimName": f"{FULLNAME}-history"}}
+    c = container(objects)
+    assert HISTORY_MOUNT in c["volumeMounts"] and f"--storage.path={HISTORY_PATH}" in c["args"]
+    # one pod at a time mounts it: the default strategy stops the old pod first
+    assert workload(objects)["spec"]["strategy"] == {"type": "Recreate"}
+    # an existing claim: mounted, none created
+    objects = render(ci("existing-secret"), "history.persistentVolumeClaim.existingClaim=hist")
+    assert not find(objects, "PersistentVolumeClaim")
+    assert volumes(objects)["history"]["persistentVolumeClaim"] == {"claimName": "hist"}
+
+
+def test_history_claim_per_shard():
+    """The StatefulSet variant (ci/everything): one claim per shard from volumeClaimTemplates,
+    beside the refresh-token one, none made by the chart, no pod volume."""
+    objects = render(ci("everything"))
+    sts = one(objects, "StatefulSet", FULLNAME)
+    templates = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+    assert set(templates) == {"oauth-tokens", "history"}
+    size = history_values("everything")["persistentVolumeClaim"]["size"]
+    assert templates["history"] == {
+        "metadata": {"name": "history", "labels": sts["spec"]["selector"]["matchLabels"]},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}}
+    assert not find(objects, "PersistentVolumeClaim")
+    assert "history" not in volumes(objects)  # the template's claim, history-<fullname>-<i>
+    c = container(objects)
+    assert HISTORY_MOUNT in c["volumeMounts"] and f"--storage.path={HISTORY_PATH}" in c["args"]
+    # only the history claim, without oauthTokens
+    objects = render(None, "shards=2", "history.enabled=true",
+                     "history.storage=persistentVolumeClaim")
+    [template] = workload(objects)["spec"]["volumeClaimTemplates"]
+    assert template["metadata"]["name"] == "history"
+    # an existing claim cannot serve several pods
+    proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION,
+                "-f", str(ci("everything")),
+                "--set", "history.persistentVolumeClaim.existingClaim=hist", check=False)
+    assert proc.returncode != 0, proc.stdout[:500]
+    assert "history.persistentVolumeClaim.existingClaim works with shards: 1 only" in proc.stderr
+
+
+def test_history_and_oauth_tokens_need_their_own_directories():
+    proc = helm("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION,
+                "--set", "history.enabled=true", "--set", "oauthTokens.enabled=true",
+                "--set", "history.mountPath=/var/lib/inbox-exporter/oauth", check=False)
+    assert proc.returncode != 0, proc.stdout[:500]
+    assert "history.mountPath and oauthTokens.mountPath are both" in proc.stderr, proc.stderr
+
+
+def notes(tmp_path: Path, values: Path | None = None, *sets: str) -> str:
+    """NOTES.txt as `helm install` prints it: `helm template` does not render it, so a copy of
+    the chart renders it into a ConfigMap."""
+    chart = tmp_path / "chart"
+    if not chart.exists():
+        shutil.copytree(CHART, chart)  # symlinks followed: the copy carries the files
+        text = (chart / "templates" / "NOTES.txt").read_text()
+        (chart / "templates" / "_notes.tpl").write_text(
+            '{{- define "test.notes" -}}\n' + text + "\n{{- end }}\n")
+        (chart / "templates" / "notes.yaml").write_text(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+            'data: {notes: {{ include "test.notes" . | toJson }}}\n')
+    args = ["template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version",
+            KUBE_VERSION, "--show-only", "templates/notes.yaml", *values_args(values)]
+    for s in sets:
+        args += ["--set", s]
+    return yaml.safe_load(helm(*args).stdout)["data"]["notes"]
+
+
+def test_history_notes(tmp_path):
+    def history_lines(*args) -> list[str]:
+        return [ln for ln in notes(tmp_path, *args).splitlines()
+                if "history" in ln.lower() or ln.startswith("Warning")]
+    assert history_lines(None) == []
+    assert history_lines(None, "history.enabled=true") == [
+        f"Check history (status page strips): {HISTORY_PATH}/history.db, in an emptyDir "
+        "(kept across container restarts, lost with the pod)."]
+    assert history_lines(ci("existing-secret")) == [
+        f"Check history (status page strips): {HISTORY_PATH}/history.db, in claim "
+        f"{FULLNAME}-history (kept across new pods)."]
+    assert history_lines(ci("everything")) == [
+        f"Check history (status page strips): {HISTORY_PATH}/history.db, in claims "
+        f"history-{FULLNAME}-<i>, one per shard (kept across new pods)."]
+    # a rolling update cannot move a ReadWriteOnce claim to the new pod
+    [_, warning] = history_lines(ci("existing-secret"), "deploymentStrategy.type=RollingUpdate")
+    assert warning.startswith("Warning: deploymentStrategy RollingUpdate with a ReadWriteOnce "
+                              "claim"), warning
 
 
 def test_inline_password_is_rejected():

@@ -99,26 +99,38 @@ key are hashed instead; roll the pods yourself after changing it (see values.yam
 {{- end }}
 
 {{/*
-oauthTokens: the writable volume for OAuth refresh tokens. With persistentVolumeClaim storage a
-Deployment mounts one claim (existingClaim, or <fullname>-oauth-tokens from pvc.yaml); a
-StatefulSet gets one claim per pod from its volumeClaimTemplates, so the pod spec has no volume.
+Writable volumes (values: oauthTokens, history), each a block with enabled, mountPath, storage
+(emptyDir or persistentVolumeClaim), emptyDir {medium, sizeLimit} and persistentVolumeClaim
+{existingClaim, storageClassName, accessModes, size}. Arguments: (list $ "<values key>"
+"<volume name>"). With persistentVolumeClaim storage a Deployment mounts one claim (existingClaim,
+or <fullname>-<volume name> from pvc.yaml); a StatefulSet gets one claim per pod from its
+volumeClaimTemplates (<volume name>-<fullname>-<i>), so the pod spec has no volume for it.
 */}}
-{{- define "inbox-exporter.oauthTokensPVC" -}}
-{{- $o := .Values.oauthTokens }}
-{{- if and $o.enabled (eq $o.storage "persistentVolumeClaim") }}
-{{- if and $o.persistentVolumeClaim.existingClaim (include "inbox-exporter.sharded" .) }}
-{{- fail "oauthTokens.persistentVolumeClaim.existingClaim works with shards: 1 only: with shards each pod gets its own claim (leave existingClaim empty)" }}
+{{- define "inbox-exporter.claimed" -}}
+{{- $root := index . 0 }}
+{{- $key := index . 1 }}
+{{- $v := index $root.Values $key }}
+{{- if and $v.enabled (eq $v.storage "persistentVolumeClaim") }}
+{{- if and $v.persistentVolumeClaim.existingClaim (include "inbox-exporter.sharded" $root) }}
+{{- fail (printf "%s.persistentVolumeClaim.existingClaim works with shards: 1 only: with shards each pod gets its own claim (leave existingClaim empty)" $key) }}
 {{- end }}true
 {{- end }}
 {{- end }}
 
-{{- define "inbox-exporter.oauthTokensClaimName" -}}
-{{- .Values.oauthTokens.persistentVolumeClaim.existingClaim | default (printf "%s-oauth-tokens" (include "inbox-exporter.fullname" .)) }}
+{{/* Does the chart create the Deployment's claim (pvc.yaml)? */}}
+{{- define "inbox-exporter.claimCreated" -}}
+{{- $root := index . 0 }}
+{{- if and (include "inbox-exporter.claimed" .) (not (include "inbox-exporter.sharded" $root)) (not (index $root.Values (index . 1)).persistentVolumeClaim.existingClaim) }}true{{ end }}
+{{- end }}
+
+{{- define "inbox-exporter.claimName" -}}
+{{- $root := index . 0 }}
+{{- (index $root.Values (index . 1)).persistentVolumeClaim.existingClaim | default (printf "%s-%s" (include "inbox-exporter.fullname" $root) (index . 2)) }}
 {{- end }}
 
 {{/* A PersistentVolumeClaim's spec: the created claim and the StatefulSet's template. */}}
-{{- define "inbox-exporter.oauthTokensClaimSpec" -}}
-{{- $c := .Values.oauthTokens.persistentVolumeClaim -}}
+{{- define "inbox-exporter.claimSpec" -}}
+{{- $c := (index (index . 0).Values (index . 1)).persistentVolumeClaim -}}
 accessModes:
   {{- toYaml $c.accessModes | nindent 2 }}
 {{- with $c.storageClassName }}
@@ -127,6 +139,50 @@ storageClassName: {{ . | quote }}
 resources:
   requests:
     storage: {{ $c.size | quote }}
+{{- end }}
+
+{{/* The pod's volume: an emptyDir or the Deployment's claim; none for a StatefulSet's claim. */}}
+{{- define "inbox-exporter.writableVolume" -}}
+{{- $root := index . 0 }}
+{{- $v := index $root.Values (index . 1) }}
+{{- if $v.enabled }}
+{{- if eq $v.storage "emptyDir" }}
+- name: {{ index . 2 }}
+  emptyDir:
+    {{- with $v.emptyDir.medium }}
+    medium: {{ . }}
+    {{- end }}
+    {{- with $v.emptyDir.sizeLimit }}
+    sizeLimit: {{ . }}
+    {{- end }}
+{{- else if not (include "inbox-exporter.sharded" $root) }}
+- name: {{ index . 2 }}
+  persistentVolumeClaim:
+    claimName: {{ include "inbox-exporter.claimName" . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A StatefulSet's claim template for a writable volume (when its storage is a claim). */}}
+{{- define "inbox-exporter.claimTemplate" -}}
+{{- $root := index . 0 }}
+{{- if include "inbox-exporter.claimed" . }}
+- metadata:
+    name: {{ index . 2 }}
+    labels:
+      {{- include "inbox-exporter.selectorLabels" $root | nindent 6 }}
+  spec:
+    {{- include "inbox-exporter.claimSpec" . | nindent 4 }}
+{{- end }}
+{{- end }}
+
+{{/* Mount paths the pod would refuse (the schema keeps them off the config volumes). */}}
+{{- define "inbox-exporter.volumesValidate" -}}
+{{- $h := .Values.history }}
+{{- $o := .Values.oauthTokens }}
+{{- if and $h.enabled $o.enabled (eq (clean $h.mountPath) (clean $o.mountPath)) }}
+{{- fail (printf "history.mountPath and oauthTokens.mountPath are both %s: give each volume its own directory" $h.mountPath) }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -289,6 +345,7 @@ httpGet:
 {{/* The pod template shared by the Deployment (one replica) and the StatefulSet (shards). */}}
 {{- define "inbox-exporter.podTemplate" -}}
 {{- include "inbox-exporter.webValidate" . }}
+{{- include "inbox-exporter.volumesValidate" . }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (int .Values.shutdownGracePeriodSeconds) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be greater than shutdownGracePeriodSeconds (%d): the kubelet would kill checks still finishing" (int .Values.terminationGracePeriodSeconds) (int .Values.shutdownGracePeriodSeconds)) }}
 {{- end }}
@@ -421,6 +478,7 @@ spec:
           mountPath: {{ .Values.oauthTokens.mountPath }}
         {{- end }}
         {{- if .Values.history.enabled }}
+        # read-write: history.db and its WAL (--storage.path)
         - name: history
           mountPath: {{ .Values.history.mountPath }}
         {{- end }}
@@ -442,37 +500,14 @@ spec:
     - name: web-config
       {{- include "inbox-exporter.webVolume" . | trim | nindent 6 }}
     {{- end }}
-    {{- $h := .Values.history }}
-    {{- if $h.enabled }}
-    {{- if $h.existingClaim }}
-    {{- if include "inbox-exporter.sharded" . }}
-    {{- fail "history.existingClaim works with shards: 1 only: each shard keeps the history of its own inboxes (leave it empty for an emptyDir)" }}
+    {{- with include "inbox-exporter.writableVolume" (list . "oauthTokens" "oauth-tokens") | trim }}
+    {{- . | nindent 4 }}
     {{- end }}
-    - name: history
-      persistentVolumeClaim:
-        claimName: {{ $h.existingClaim }}
-    {{- else }}
-    - name: history
-      emptyDir:
-        sizeLimit: {{ $h.sizeLimit }}
-    {{- end }}
+    {{- with include "inbox-exporter.writableVolume" (list . "history" "history") | trim }}
+    {{- . | nindent 4 }}
     {{- end }}
     {{- $o := .Values.oauthTokens }}
     {{- if $o.enabled }}
-    {{- if eq $o.storage "emptyDir" }}
-    - name: oauth-tokens
-      emptyDir:
-        {{- with $o.emptyDir.medium }}
-        medium: {{ . }}
-        {{- end }}
-        {{- with $o.emptyDir.sizeLimit }}
-        sizeLimit: {{ . }}
-        {{- end }}
-    {{- else if not (include "inbox-exporter.sharded" .) }}
-    - name: oauth-tokens
-      persistentVolumeClaim:
-        claimName: {{ include "inbox-exporter.oauthTokensClaimName" . }}
-    {{- end }}
     {{- with $o.existingSecret }}
     - name: oauth-tokens-seed
       secret:
