@@ -98,7 +98,12 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=None,
                     help="stop after this many seconds (default: run until Ctrl-C)")
     args = ap.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="inbox-exporter-demo-"))
+    # The lab's servers, mail and the demo's config live here; removed when the demo ends.
+    with tempfile.TemporaryDirectory(prefix="inbox-exporter-demo-") as tmp:
+        return run_demo(Path(tmp), args.duration)
+
+
+def run_demo(workdir: Path, duration: float | None) -> int:
     with MailLab(workdir / "lab") as lab:
         config, env = demo_config(lab, workdir)
         path = workdir / "config.yaml"
@@ -116,7 +121,7 @@ def main() -> int:
                 why = f"{i['failing_step']}: {i['category']} / {i['reason']}" if i["category"] else ""
                 print(f"  {i['name']:<11} {i['state']:<8} {i['auth']:<32} {why}")
             print("\nChecks repeat every 30 s. Ctrl-C stops the demo.", flush=True)
-            deadline = None if args.duration is None else time.monotonic() + args.duration
+            deadline = None if duration is None else time.monotonic() + duration
             while daemon.poll() is None and (deadline is None or time.monotonic() < deadline):
                 time.sleep(0.5)
         except KeyboardInterrupt:

@@ -371,3 +371,20 @@ def test_a_changed_sentry_dsn_closes_the_old_client_and_hands_the_firing_alert_o
         finally:
             p.stop()
             sentry_sdk.init()
+
+
+def test_the_sentry_client_collects_no_personal_data_and_uses_no_deprecated_option():
+    import warnings
+
+    from inbox_exporter.alerts.sentry import init
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecated option would raise here
+        client = init("http://publickey@127.0.0.1:9/7", "test", lambda: [])
+    try:
+        assert client.options["data_collection"]["user_info"] is False
+        assert client.options["include_local_variables"] is False
+        assert client.options["event_scrubber"] is not None
+    finally:
+        client.close()
+        sentry_sdk.init()

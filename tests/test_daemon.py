@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -367,11 +368,12 @@ def test_a_bad_config_at_start_is_one_line_and_exit_2(tmp_path):
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess:
-    profile = Path(os.environ.get("TMPDIR", "/tmp")) / f"chromium-{os.getpid()}-{time.monotonic_ns()}"
-    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", f"--user-data-dir={profile}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    # A fresh profile per run, removed afterwards (each holds a few MB).
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+               "--no-first-run", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", f"--user-data-dir={profile}", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
 def test_the_status_page_shows_a_person_each_failure_and_its_hint(daemon, lab, tmp_path):
@@ -431,10 +433,14 @@ def test_the_status_page_shows_a_person_each_failure_and_its_hint(daemon, lab, t
 
 
 def test_the_readme_demo_starts_and_shows_healthy_and_broken_inboxes():
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--duration", "1"],
-                         env={**os.environ, "PYTHONPATH": str(ROOT / "daemon")},
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
+    # A TMPDIR of its own (short: Postfix's socket paths must fit in 108 bytes) to see
+    # that the demo removes its lab when it ends.
+    with tempfile.TemporaryDirectory(prefix="demo-", dir="/tmp") as tmp:
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--duration", "1"],
+                             env={**os.environ, "PYTHONPATH": str(ROOT / "daemon"), "TMPDIR": tmp},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert os.listdir(tmp) == [], "the demo left its lab behind"
     assert "Status page: http://127.0.0.1:" in out.stdout
     lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  ")}
     assert "ok" in lines["sales"] and "ok" in lines["support"]
