@@ -16,13 +16,13 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "daemon"), str(ROOT / "lab")]
+sys.path[:0] = [str(ROOT / "daemon"), str(ROOT / "lab")]  # the benches run from a checkout
 
-import yaml  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from inbox_exporter.config import Inbox, parse_config  # noqa: E402
+from inbox_exporter.config import Inbox, parse_config  # noqa: E402 - needs the line above
 
 # The start of the detail of a step that never got a connection slot (the monitor's own
 # queue, not the server): such a check failed, it was not done.

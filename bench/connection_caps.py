@@ -45,16 +45,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "daemon"), str(ROOT / "lab")]
-from benchlab import Report, version  # noqa: E402
+from benchlab import Report, version  # first: it puts daemon/ and lab/ on sys.path
 
-import yaml  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
-from inbox_exporter.daemon import Exporter  # noqa: E402
-from inbox_exporter.store import InboxState  # noqa: E402
-from maillab import MailLab  # noqa: E402
+from inbox_exporter.daemon import Exporter
+from inbox_exporter.store import InboxState
+from maillab import MailLab
 
 WINDOW = 5.0  # seconds per "peak per window" column
 EOF = None  # the marker a _Pipe forwards as a half-close

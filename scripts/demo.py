@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lab"))
 
-from maillab import MailLab  # noqa: E402
+from maillab import MailLab  # noqa: E402 - found through the sys.path line above
 
 PORT = 9857  # the exporter's default port
 

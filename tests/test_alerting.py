@@ -254,6 +254,16 @@ def test_alerting_config_errors_name_the_path(tmp_path):
     with pytest.raises(ConfigError) as e:
         pipeline_config(tmp_path, {"webhooks": [{"url": "hooks.example.com/x"}]}, {})
     assert str(e.value) == "test.yaml: alerting.webhooks[0].url: not an http(s) URL: 'hooks.example.com/x'"
+    # URLs that may hold a password: one line naming the key, never the URL or its password
+    for url, says in [("u:pw3SECRET@am.example:9093", "not an http(s) URL"),
+                      ("http://u:pw3SECRET@[::1/", "not a valid URL (a password in it must be"),
+                      ("http://u:pa/ss2SECRET@127.0.0.1/", "not a valid URL (a password in it"),
+                      ("http://u:12/34SECRET@hooks.example/", "an @ after the host"),
+                      ("https://hooks.example:99999/", "not a valid URL: 'https://hooks")]:
+        with pytest.raises(ConfigError) as e:
+            pipeline_config(tmp_path, {"webhooks": [{"url": url}]}, {})
+        assert str(e.value).startswith(f"test.yaml: alerting.webhooks[0].url: {says}"), url
+        assert "SECRET" not in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ConfigError) as e:
         pipeline_config(tmp_path, {"sentry": {"dsn_env": "NOPE"}}, {})
     assert str(e.value) == "test.yaml: alerting.sentry.dsn_env: environment variable NOPE is not set"

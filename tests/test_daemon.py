@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inbox_exporter.daemon import Exporter
 from inbox_exporter.web import WebOptions, WebServer
 
-from .conftest import PASSWORD, check_now, env_name, lab_entry, write_config
+from .conftest import PASSWORD, check_now, env_name, lab_entry, wait_until, write_config
 
 ROOT = Path(__file__).parent.parent
 
@@ -327,6 +327,12 @@ def run_daemon(config: Path, env: dict, *extra: str) -> tuple[subprocess.Popen, 
     raise AssertionError("daemon did not become ready: " + proc.communicate()[1])
 
 
+def terminated(proc: subprocess.Popen) -> str:
+    """SIGTERM, as Kubernetes stops a pod; the daemon's stderr once it has exited."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.communicate(timeout=15)[1]
+
+
 def test_the_daemon_reloads_on_sighup_and_exits_cleanly_on_sigterm(tmp_path, lab):
     config = write_config(tmp_path, lab, [{**lab_entry(lab, "one"), "interval": "1s"}])
     env = {env_name(n): lab.users["alice"].password for n in ("one", "two")}
@@ -343,8 +349,7 @@ def test_the_daemon_reloads_on_sighup_and_exits_cleanly_on_sigterm(tmp_path, lab
         else:
             raise AssertionError("SIGHUP did not add the inbox")
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=15)
+        stderr = terminated(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -365,6 +370,43 @@ def test_a_bad_config_at_start_is_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().startswith(f"error: {bad}: inboxes[x].provider: unknown provider")
     assert out.stderr.count("\n") == 1
+
+
+def test_bad_reloads_are_one_line_each_and_never_stop_the_daemon(tmp_path, lab):
+    config = write_config(tmp_path, lab, [{**lab_entry(lab, "one"), "interval": "1h"}])
+    good = config.read_bytes()
+    env = {env_name("one"): lab.users["alice"].password}
+    proc, url = run_daemon(config, env)
+    bad_versions = [
+        good + b"# \xe9dit\xe9 en Latin-1\n",  # not UTF-8
+        good + b"alerting:\n  alertmanager: {url: 'http://u:hush1SECRET@[::1/'}\n",
+        good + b"alerting:\n  webhooks: [{url: 'u:hush2SECRET@hooks.example:9093'}]\n",
+        good + b"alerting:\n  webhooks: [{url: 'http://u:pa/hush3SECRET@127.0.0.1/'}]\n",
+    ]
+    try:
+        for n, bad in enumerate(bad_versions, 1):
+            config.write_bytes(bad)
+            proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "inbox_exporter_config_last_reload_successful 0.0" in
+                       urllib.request.urlopen(url + "/metrics").read().decode(),
+                       timeout=10, what=f"bad version {n} to be refused")
+            assert urllib.request.urlopen(url + "/-/healthy").status == 200
+            config.write_bytes(good)  # and back: the next bad one must be refused again
+            proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "inbox_exporter_config_last_reload_successful 1.0" in
+                       urllib.request.urlopen(url + "/metrics").read().decode(),
+                       timeout=10, what="the good version to load")
+        stderr = terminated(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    failures = [line for line in stderr.splitlines() if "config reload failed" in line]
+    assert len(failures) == len(bad_versions), stderr
+    assert "not UTF-8 text" in failures[0] and "alertmanager.url: not a valid URL" in failures[1]
+    assert "webhooks[0].url: not an http(s) URL" in failures[2]
+    assert "webhooks[0].url: not a valid URL" in failures[3]
+    assert "Traceback" not in stderr and "SECRET" not in stderr
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess:

@@ -67,7 +67,8 @@ def test_the_history_keeps_the_last_hundred_checks_oldest_first(lab, tmp_path):
     assert history.uptime("h") == 1.0
 
 
-def test_the_inbox_page_shows_the_failure_its_history_and_no_secret(daemon, lab, tmp_path):  # noqa: F811
+def test_the_inbox_page_shows_the_failure_its_history_and_no_secret(
+        daemon, lab, tmp_path):  # noqa: F811 - `daemon` is the fixture imported above
     running = daemon([{**lab_entry(lab, "good"), "interval": "1h"},
                       {**lab_entry(lab, "bad"), "interval": "1h"}], {"bad": PASSWORD})
     for _ in range(3):  # not POST /probe: "bad" backs off after two failures

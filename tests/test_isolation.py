@@ -170,6 +170,24 @@ def test_the_test_email_goes_out_once_per_test_email_interval(lab, exporter_for,
     assert f'inbox_test_email_last_sent_timestamp_seconds{{inbox="budget"}} {first.sent_at!r}' in metrics
 
 
+def test_an_on_demand_check_never_sends_inside_the_test_email_interval(lab, exporter_for):
+    entry = lab_entry(lab, "strict", interval="1h", timeout="5s", test_email={
+        "to": lab.users["bcc"].address, "interval": "1h"})
+    exporter, _ = exporter_for([entry], {env_name("strict"): lab.users["alice"].password})
+    inbox = exporter.config.inboxes[0]
+    sent = time.time() - 3600 + 20  # the last mail went out 59 min 40 s ago
+    exporter.store.record(CheckResult(inbox.name, sent - 1, 1.0, tuple(
+        StepResult(step, Status.OK, 0.1) for step in Step), "id", sent_at=sent), inbox)
+    now = time.time()
+    # a scheduled check on its grid sends (the last one's mail left up to a deadline late)...
+    assert exporter.scheduler.hold_test_email(inbox, now) is None
+    # ...an on-demand one waits for the whole interval
+    assert exporter.scheduler.hold_test_email(inbox, now, on_demand=True).startswith("not due")
+    assert exporter.scheduler.hold_test_email(inbox, sent + 3600, on_demand=True) is None
+    # and a scheduled check half an interval early does not send either
+    assert exporter.scheduler.hold_test_email(inbox, sent + 1800).startswith("not due")
+
+
 def test_check_sends_unless_told_not_to(lab, tmp_path):
     from .test_cli import run_cli
 

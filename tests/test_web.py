@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inbox_exporter.daemon import Exporter
 from inbox_exporter.web import WebOptions, WebServer
 from inbox_exporter.web import auth as web_auth
+from inbox_exporter.web.app import GZIP_MIN_BYTES
 
 from .conftest import check_now, env_name, lab_entry, wait_until, write_config
 from .fakeserver import SILENT, FakeServer
@@ -92,7 +93,7 @@ def serve(tmp_path):
             path = tmp_path / "config.yaml"
             path.write_text(yaml.safe_dump({"inboxes": inboxes or closed_port_inboxes(), **top}))
         exporter = Exporter(str(path), environ=env or {})
-        served = Served(exporter, None, path)  # type: ignore[arg-type]
+        served = Served(exporter, None, path)  # type: ignore[arg-type]  # the server is set below
         served.server = WebServer(("127.0.0.1", 0), exporter, options or WebOptions(),
                                   on_quit=lambda: served.quits.append(True))
         exporter.start()
@@ -235,6 +236,36 @@ def test_gzip_metrics_are_one_gzip_member_holding_the_plain_text(serve):
     assert "content-encoding" not in refused.headers
 
 
+def test_pages_and_json_are_gzipped_when_asked_and_keep_their_headers(serve):
+    served = serve(closed_port_inboxes(40))
+    name = closed_port_inboxes(40)[0]["name"]
+    gzipped: list[str] = []
+    for path in ("/", "/api/v1/status", f"/inbox/{name}", f"/api/v1/inboxes/{name}"):
+        plain = fetch(served.url + path)
+        packed = fetch(served.url + path, headers={"Accept-Encoding": "gzip"})
+        assert plain.status == packed.status == 200, path
+        assert "content-encoding" not in plain.headers, path
+        if len(plain.body) < GZIP_MIN_BYTES:  # not worth it: sent as it is
+            assert "content-encoding" not in packed.headers and packed.body == plain.body, path
+            continue
+        assert packed.headers["content-encoding"] == "gzip", path
+        assert packed.headers["content-type"] == plain.headers["content-type"], path
+        assert packed.headers.get("content-security-policy") == \
+            plain.headers.get("content-security-policy"), path
+        body = zlib.decompress(packed.body, wbits=31)
+        gzipped.append(path)
+        if path.startswith("/api/"):  # the documents agree (ages in them may tick between)
+            assert json.loads(body).keys() == json.loads(plain.body).keys(), path
+        else:
+            assert body.startswith(b"<!doctype html>") and len(packed.body) < len(body) / 2, path
+    # small answers and errors go out as they are
+    assert len(gzipped) >= 3, "the status page, its JSON and an inbox page are over the threshold"
+    assert "content-encoding" not in fetch(served.url + "/-/healthy",
+                                           headers={"Accept-Encoding": "gzip"}).headers
+    assert "content-encoding" not in fetch(served.url + "/inbox/nope",
+                                           headers={"Accept-Encoding": "gzip"}).headers
+
+
 # --- the web config file --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -346,6 +377,13 @@ def test_a_new_certificate_is_served_without_a_restart_and_a_broken_edit_is_igno
     assert fetch(served.url + "/-/healthy", context=ssl.create_default_context(
         cafile=str(tls.ca))).status == 200
     assert any("not valid" in r.getMessage() for r in caplog.records)
+    path.write_bytes(b"# \xe9dit\xe9 en Latin-1\n")  # an editor's wrong encoding
+    time.sleep(1.2)
+    for _ in range(2):  # handshakes and requests go on with the last good config
+        assert fetch(served.url + "/metrics", context=ssl.create_default_context(
+            cafile=str(tls.ca))).status == 200
+        time.sleep(1.1)
+    assert any("not UTF-8" in getattr(r, "error", "") for r in caplog.records)
 
 
 def test_the_rate_limit_of_the_web_config_answers_429(serve, tmp_path):
@@ -369,6 +407,7 @@ INVALID_WEB_CONFIGS = [
     ({"basic_auth_users": {"u": "plaintext-password"}}, "basic_auth_users.u: must be a bcrypt hash"),
     ({"http_server_config": {"headers": {"Server": "x"}}}, "can not be configured"),
     ({"tls_config": {}}, "tls_config: unknown key"),
+    (b"# Gr\xfc\xdfe (Latin-1)\nbasic_auth_users: {}\n", "web.yml: line 1: not UTF-8 text (byte 0xfc)"),
 ]
 
 
@@ -378,7 +417,11 @@ def test_a_bad_web_config_file_stops_the_start_with_one_line_naming_the_key(tmp_
                                                                            message):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"inboxes": closed_port_inboxes(1)}))
-    web = web_file(tmp_path, **content)
+    if isinstance(content, bytes):
+        web = tmp_path / "web.yml"
+        web.write_bytes(content)
+    else:
+        web = web_file(tmp_path, **content)
     r = subprocess.run(["inbox-exporter", "run", f"--config.file={config}",
                         f"--web.config.file={web}", "--web.listen-address=127.0.0.1:0"],
                        capture_output=True, text=True, timeout=30,

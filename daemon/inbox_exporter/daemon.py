@@ -153,33 +153,50 @@ class Exporter:
         return clean
 
     def reload(self) -> str | None:
-        """Re-read the config file; returns None on success, else the one-line error."""
+        """Re-read the config file; returns None on success, else the one-line error. Never
+        raises: SIGHUP and /-/reload must not stop the checks already running."""
         with self._reload_lock:
             try:
                 config = self._load()
             except ConfigError as e:
-                self.metrics.reload_success.set(0)
-                log.error("config reload failed; keeping the running config",
-                          extra={"error": str(e)})
-                return str(e)
-            old = self.config
-            if old is not None and old.checks.concurrency != config.checks.concurrency:
-                log.warning("checks.concurrency changes take effect after a restart")
-            self.limits.per_host = config.checks.max_connections_per_host
-            self.scheduler.auth_failure_max_interval = config.checks.auth_failure_max_interval
-            self.scheduler.backoff_after = config.alerting.failure_threshold
-            self.exposition.set_expose_email(config.metrics.expose_email)
-            self.ondemand.min_interval = config.web.probe_min_interval
-            self.alerts.configure(config.alerting)
-            if old is not None:
-                self.alerts.forget({i.name for i in old.inboxes} - {i.name for i in config.inboxes})
-            self.scheduler.apply(config)
-            self.exposition.layout(self.store.snapshot())
-            self.history.keep(i.name for i in config.inboxes)
-            self.tokens.forget({i.oauth.account_key for i in config.inboxes if i.oauth})
-            self._adopt(config)
-            log.info("config reloaded", extra={"inboxes": len(config.inboxes)})
+                return self._reload_failed(str(e))
+            except Exception as e:  # noqa: BLE001 - a bug in loading must not stop the checks
+                # Only the type here: the message of an unforeseen error may quote the file
+                # (Sentry gets it through its scrubber).
+                _report(e)
+                return self._reload_failed(
+                    f"{self.config_path}: could not be loaded ({type(e).__name__}); please report it")
+            try:
+                self._apply(config)
+            except Exception as e:  # noqa: BLE001 - same; what was applied so far stays
+                _report(e)
+                return self._reload_failed(f"{self.config_path}: loaded, but applying it failed "
+                                           f"({type(e).__name__}); please report it")
             return None
+
+    def _reload_failed(self, error: str) -> str:
+        self.metrics.reload_success.set(0)
+        log.error("config reload failed; keeping the running config", extra={"error": error})
+        return error
+
+    def _apply(self, config: Config) -> None:
+        old = self.config
+        if old is not None and old.checks.concurrency != config.checks.concurrency:
+            log.warning("checks.concurrency changes take effect after a restart")
+        self.limits.per_host = config.checks.max_connections_per_host
+        self.scheduler.auth_failure_max_interval = config.checks.auth_failure_max_interval
+        self.scheduler.backoff_after = config.alerting.failure_threshold
+        self.exposition.set_expose_email(config.metrics.expose_email)
+        self.ondemand.min_interval = config.web.probe_min_interval
+        self.alerts.configure(config.alerting)
+        if old is not None:
+            self.alerts.forget({i.name for i in old.inboxes} - {i.name for i in config.inboxes})
+        self.scheduler.apply(config)
+        self.exposition.layout(self.store.snapshot())
+        self.history.keep(i.name for i in config.inboxes)
+        self.tokens.forget({i.oauth.account_key for i in config.inboxes if i.oauth})
+        self._adopt(config)
+        log.info("config reloaded", extra={"inboxes": len(config.inboxes)})
 
     # --- what the HTTP endpoints show ---------------------------------------------------
 

@@ -149,7 +149,7 @@ class Scheduler:
         """An on-demand check (see ondemand.py for when one may start): queued like a scheduled
         one, within the same caps, workers and test-email budget. `on_done(result)` runs after
         the result is recorded. False when a check of the inbox is already queued or running."""
-        return self._submit(inbox, time.time(), on_done=on_done)
+        return self._submit(inbox, time.time(), on_done=on_done, on_demand=True)
 
     def _run(self, inbox: Inbox) -> None:
         first, interval = self._anchor.get(inbox.name, (time.time(), inbox.interval))
@@ -160,21 +160,24 @@ class Scheduler:
             log.warning("check skipped: the previous one is still queued or running",
                         extra={"inbox": inbox.name})
 
-    def hold_test_email(self, inbox: Inbox, now: float) -> str | None:
+    def hold_test_email(self, inbox: Inbox, now: float, on_demand: bool = False) -> str | None:
         """Why this check sends no test email (None: it does): at most one per
         test_email.interval, so a monitor stays far below the providers' sending limits."""
         state = self.store.get(inbox.name)
         last = state.last_test_email_at if state else None
-        # Half an interval of slack: a check a moment early must not push the send a whole
-        # interval later.
-        if last is None or now - last >= inbox.test_email_interval - inbox.interval / 2:
+        # A scheduled check starts on its grid, but the mail it sent last time went out up to a
+        # deadline after its own start: without that much slack, a send due now would slip a
+        # whole interval. An on-demand check gets none: never two mails inside the interval.
+        slack = 0.0 if on_demand else min(inbox.interval / 2, inbox.deadline)
+        if last is None or now - last >= inbox.test_email_interval - slack:
             return None
         sent = datetime.fromtimestamp(last, UTC).strftime("%H:%M:%S UTC")
         return (f"not due: last sent at {sent}; sent at most every "
                 f"{inbox.test_email_interval:g}s (test_email.interval)")
 
     def _submit(self, inbox: Inbox, scheduled: float,
-                on_done: Callable[[CheckResult], None] | None = None) -> bool:
+                on_done: Callable[[CheckResult], None] | None = None,
+                on_demand: bool = False) -> bool:
         with self._lock:
             if inbox.name in self._busy:
                 return False  # max one check per inbox: a slow one is never stacked
@@ -203,7 +206,8 @@ class Scheduler:
                     on_done(result)
 
         self.checker.check_async(self.runner, inbox, on_result,
-                                 hold_test_email=self.hold_test_email(inbox, submitted),
+                                 hold_test_email=self.hold_test_email(
+                                     inbox, submitted, on_demand),
                                  on_start=on_start)
         return True
 

@@ -233,6 +233,6 @@ class Dispatcher:
     def _guarded(self, sink: Sink, fn: Callable[[], object], what: str) -> None:
         try:
             fn()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a broken sink must not stop the others
             log.warning("alert sink error", extra={"sink": sink.name, "during": what,
                                                    "error": str(e)})

@@ -47,6 +47,8 @@ __all__ = [
     "model_error",
     "parse_config",
     "parse_duration",
+    "read_text",
+    "yaml_error",
 ]
 
 
@@ -72,7 +74,7 @@ class Config:
 _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class _UniqueKeyLoader(_BaseLoader):  # type: ignore[misc,valid-type]
+class _UniqueKeyLoader(_BaseLoader):  # type: ignore[misc,valid-type]  # a base chosen at import
     """A YAML loader that rejects a key given twice (PyYAML silently keeps the last)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -92,12 +94,29 @@ def load_config(path: str, environ: Mapping[str, str] | None = None,
 
     `strict_secrets=False` tolerates a refresh token that does not exist yet (`oauth login`
     is about to create it)."""
+    return parse_config(read_text(path), path, os.environ if environ is None else environ,
+                        strict_secrets)
+
+
+def read_text(path: str) -> str:
+    """A config file's text; ConfigError (one line) when it cannot be read or is not UTF-8."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as e:
         raise ConfigError("", f"cannot read: {e.strerror}", path) from None
-    return parse_config(text, path, os.environ if environ is None else environ, strict_secrets)
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError("", f"line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}): "
+                          "save the file as UTF-8", path) from None
+
+
+def yaml_error(e: yaml.YAMLError, source: str) -> ConfigError:
+    """PyYAML's error as one line: where, and what."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return ConfigError("", f"{where}invalid YAML: {problem}", source)
 
 
 def parse_config(text: str, source: str, environ: Mapping[str, str],
@@ -105,10 +124,7 @@ def parse_config(text: str, source: str, environ: Mapping[str, str],
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError("", f"{where}invalid YAML: {problem}", source) from None
+        raise yaml_error(e, source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

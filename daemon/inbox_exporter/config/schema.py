@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr
 
@@ -88,9 +88,36 @@ def _positive(value: Any) -> Any:
     return value
 
 
+_ENCODE_HINT = "a password in it must be percent-encoded (/ ? # @ : as %2F %3F %23 %40 %3A)"
+
+
+def _shown(value: str) -> str:
+    """The URL for an error message, or nothing when it may carry a password (user:pw@host):
+    a URL that failed to parse cannot be trusted to show where its credentials are."""
+    return "" if "@" in value else f": {value!r}"
+
+
+def _split_url(value: str) -> SplitResult:
+    """The URL's parts; ValueError when it cannot be one (the URL shown only when it cannot
+    hold a password)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
+    except ValueError:
+        hint = f" ({_ENCODE_HINT})" if "@" in value else _shown(value)
+        raise ValueError(f"not a valid URL{hint}") from None
+    if parts.netloc and "@" in parts.path + parts.query + parts.fragment:
+        # `user:pa/ss@host`: the password's `/` ended the host early
+        raise ValueError(f"an @ after the host: {_ENCODE_HINT}")
+    return parts
+
+
 def _url(value: Any) -> Any:
-    if isinstance(value, str) and not re.match(r"^https?://[^\s/]+", value):
-        raise ValueError(f"not an http(s) URL: {value!r}")
+    if not isinstance(value, str):
+        return value
+    parts = _split_url(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL{_shown(value)}")
     return value
 
 
@@ -108,14 +135,14 @@ def _oauth_url(value: Any) -> Any:
     request carries the client secret and the refresh token."""
     if not isinstance(value, str):
         return value
-    parts = urlsplit(value)
+    parts = _split_url(value)
     if parts.scheme == "https" and parts.hostname:
         return value
     if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
         return value
     if parts.scheme == "http" and parts.hostname:
-        raise ValueError(f"must be https (plain http only on a loopback address): {value!r}")
-    raise ValueError(f"not an https URL: {value!r}")
+        raise ValueError(f"must be https (plain http only on a loopback address){_shown(value)}")
+    raise ValueError(f"not an https URL{_shown(value)}")
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]

@@ -173,7 +173,7 @@ class ImapProbe(Probe):
                 pass
             try:
                 self.client.shutdown()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - closing: the socket may be broken already
                 pass
         if self.conn.sock is not None:
             self.conn.sock.close()

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
+from typing import Any
 
 import idna
 
@@ -187,12 +188,12 @@ def tls_facts(sock: ssl.SSLSocket) -> list[str]:
     if cert:
         def name(field: str) -> str:
             # typeshed types every value of the dict alike; subject and issuer are RDN tuples
-            rdns = cert.get(field, ())
-            return ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)  # type: ignore[str-unpack]
+            rdns: Any = cert.get(field, ())
+            return ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
 
         # (type, value) pairs: typeshed types every value of the dict alike
-        alt_names = cert.get("subjectAltName", ())
-        sans = ", ".join(v for k, v in alt_names if k in ("DNS", "IP Address"))  # type: ignore[str-unpack, misc]
+        alt_names: Any = cert.get("subjectAltName", ())
+        sans = ", ".join(v for k, v in alt_names if k in ("DNS", "IP Address"))
         facts.append(f"certificate: subject {name('subject')}; issuer {name('issuer')}; "
                      f"SANs {sans or 'none'}; expires {cert.get('notAfter', '?')}")
     else:

@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
 
-from ..config import ConfigError, model_error, parse_duration
+from ..config import ConfigError, model_error, parse_duration, read_text, yaml_error
 from ..config.schema import _Strict
 
 log = logging.getLogger(__name__)
@@ -200,17 +200,11 @@ class WebConfig:
 
 def parse_web_config(path: str) -> WebConfig:
     """Read, validate and build; raise ConfigError (one line naming the key) on any problem."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError("", f"cannot read: {e.strerror}", path) from None
+    text = read_text(path)
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise ConfigError("", f"{where}invalid YAML: {getattr(e, 'problem', None) or e}",
-                          path) from None
+        raise yaml_error(e, path) from None
     if not isinstance(data, dict):
         raise ConfigError("", "must be a mapping (tls_server_config, basic_auth_users, ...)", path)
     try:
@@ -321,6 +315,7 @@ class WebConfigFile:
         return tuple(one(p) for p in (self.path, *files))
 
     def current(self) -> WebConfig:
+        """The config to serve this request or handshake with. Never raises."""
         now = self._clock()
         if now - self._checked < self.CHECK_EVERY:
             return self._config
@@ -337,6 +332,11 @@ class WebConfigFile:
                 self._bad_stamp = stamp
                 log.error("web config file changed but is not valid; keeping the last good one",
                           extra={"error": str(e)})
+                return self._config
+            except Exception as e:  # noqa: BLE001 - called per request and TLS handshake: never raise
+                self._bad_stamp = stamp
+                log.error("web config file changed but could not be loaded; keeping the last "
+                          "good one", extra={"file": self.path, "error": type(e).__name__})
                 return self._config
             if (config.tls is None) != (self._config.tls is None):
                 self._bad_stamp = stamp
