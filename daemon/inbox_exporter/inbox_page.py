@@ -66,25 +66,11 @@ def render_html(s: dict, entries: list[Entry], transcripts: dict[str, str | None
         history = (f"<div class=card><h2>Last {len(entries)} checks</h2>"
                    f"<p>uptime {up * 100:.1f} %</p>{svg.strip(entries, cell=6, height=20)}"
                    f"<p class=muted>check time, all steps</p>{svg.sparkline(entries)}</div>")
-    delivery = ""
-    if s.get("delivery"):
-        d = s["delivery"]
-        auth = d.get("authentication") or {}
-        reasons = auth.get("reasons") or {}
-        verdict = "".join(
-            f"<dt>{e(m)}</dt><dd>{e(r)}{f' ({e(reasons[m])})' if m in reasons else ''}</dd>"
-            for m, r in (auth.get("results") or {}).items())
-        where = (f"{e(auth['source'])} by {e(auth['authserv_id'] or 'an unnamed server')}"
-                 if auth.get("authserv_id") is not None else "no Authentication-Results from a "
-                 "trusted server")
-        delivery = (f"<div class=card><h2>Delivery of the last test email</h2><dl>"
-                    f"<dt>status</dt><dd>{e(d['status'])}"
-                    f"{' in ' + e(d['folder']) if d.get('folder') else ''}</dd>{verdict}"
-                    f"<dt>verdict from</dt><dd>{where}</dd></dl></div>")
     texts = "".join(
-        f"<div class=card><h2>Transcript: {e(label)}</h2><pre>{e(text)}</pre></div>"
+        f"<div class=card><h2>Transcript: {e(label)}</h2><pre>{e(text or '(no lines recorded)')}"
+        f"</pre></div>"
         for label, text in (("last check", transcripts.get("last")),
-                            ("last failure", transcripts.get("last_failure"))) if text)
+                            ("last failure", transcripts.get("last_failure"))) if text is not None)
     body = (
         f"<p class=summary><a href=/>all inboxes</a> · <a href=\"/api/v1/inboxes/{e(s['name'])}\">"
         f"JSON</a></p><h1>{e(s['name'])} <span class='{e(s['state'])}'><span class=badge>"
@@ -97,6 +83,27 @@ def render_html(s: dict, entries: list[Entry], transcripts: dict[str, str | None
         f"<dt>next check</dt><dd>{e(human(s['next_run']) or '-')}</dd>{certs}</dl></div>"
         f"{backoff}<div class=card><h2>Latest result</h2>{verdict}"
         f"<table class=steps><thead><tr><th>step</th><th>status</th><th>time</th><th>why</th>"
-        f"<th>detail</th></tr></thead><tbody>{steps}</tbody></table></div>{delivery}{history}"
+        f"<th>detail</th></tr></thead><tbody>{steps}</tbody></table></div>{_delivery_card(s)}"
+        f"{history}"
         f"{texts}")
     return shell(f"{s['name']} · inbox-exporter", PAGE_CSS + INBOX_CSS, body, refresh=60)
+
+
+def _delivery_card(s: dict) -> str:
+    """Where the last test email landed, and the receiver's SPF/DKIM/DMARC verdict on it."""
+    d = s.get("delivery")
+    if not d:
+        return ""
+    e = html.escape
+    auth = d.get("authentication") or {}
+    reasons = auth.get("reasons") or {}
+    methods = "".join(
+        f"<dt>{e(m)}</dt><dd>{e(r)}{f' ({e(reasons[m])})' if m in reasons else ''}</dd>"
+        for m, r in (auth.get("results") or {}).items())
+    where = (f"{e(auth['source'])} by {e(auth['authserv_id'] or 'an unnamed server')}"
+             if auth.get("authserv_id") is not None else "no Authentication-Results from a "
+             "trusted server")
+    return (f"<div class=card><h2>Delivery of the last test email</h2><dl>"
+            f"<dt>status</dt><dd>{e(d['status'])}"
+            f"{' in ' + e(d['folder']) if d.get('folder') else ''}</dd>{methods}"
+            f"<dt>verdict from</dt><dd>{where}</dd></dl></div>")

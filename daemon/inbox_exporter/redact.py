@@ -21,8 +21,9 @@ def _forms(secret: str) -> set[str]:
     """The ways a secret may show up in text: as is, IMAP-quoted, base64 (SASL LOGIN), as a
     Python str or bytes repr."""
     quoted = secret.replace("\\", "\\\\").replace('"', '\\"')
-    forms = {secret, quoted, repr(secret)[1:-1], repr(secret.encode())[2:-1],
-             base64.b64encode(secret.encode()).decode()}
+    forms = {base64.b64encode(secret.encode()).decode()}
+    for text in (secret, quoted):  # a server may echo the quoted form inside a bytes repr
+        forms |= {text, repr(text)[1:-1], repr(text.encode())[2:-1]}
     return {f for f in forms if len(f) >= 3}
 
 
@@ -58,8 +59,10 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     """Text from a server or an exception: login commands it echoes, URL credentials, and
     every form of the known secrets."""
     text = redact_urls(text)
-    text = _COMMANDS.sub(lambda m: (m.group(1) or m.group(2)) + REDACTED, text)
-    return redact_secrets(text, secrets)
+    # The known secrets first: the command pattern stops at an escaped quote, and what it
+    # left behind of a password would no longer match the password's forms.
+    text = redact_secrets(text, secrets)
+    return _COMMANDS.sub(lambda m: (m.group(1) or m.group(2)) + REDACTED, text)
 
 
 def redact_secrets(text: str, secrets: Iterable[str]) -> str:
