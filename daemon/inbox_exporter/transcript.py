@@ -1,17 +1,22 @@
 """What was said during one check: the protocol lines of each connection, timestamped from the
-check's start, and the facts a provider's support desk asks for (addresses, TLS version and
-cipher, certificate, SASL mechanism, queue id). Redacted as it is written, never afterwards:
+check's start, and the facts a provider's support desk asks for (the addresses DNS returned and
+each connection attempt's outcome, TLS version and cipher, the certificate, also one presented
+in a failed handshake, SASL mechanism, queue id). Redacted as it is written, never afterwards:
 
-- a login command keeps its verb, mechanism and user name; its arguments, every client line
-  after it and every server continuation ("+ ..." / "334 ...") until the server's final answer
-  become `<redacted N bytes>`, whatever the mechanism (LOGIN, PLAIN, XOAUTH2, OAUTHBEARER);
+- a login command keeps its verb and mechanism; its arguments (IMAP LOGIN's user name too),
+  every client line after it and every server continuation ("+ ..." / "334 ...") until the
+  server's final answer become `<redacted N bytes>`, whatever the mechanism (LOGIN, PLAIN,
+  XOAUTH2, OAUTHBEARER);
 - the test email shows its headers, its body only as a size; IMAP literals (message contents)
-  only as a size;
+  only as a size; from the mailbox only counts, INBOX and the special-use folders (RFC 6154)
+  with their attributes, system flags: other folder names and keywords never;
 - every line also passes through redact_secrets() with the inbox's own secrets (and the access
   token once fetched), as a second net.
 
 Bounded: a transcript stops at MAX_BYTES of text ("... truncated"), lines at MAX_LINE; the store
-keeps it zlib-compressed (`packed()`).
+keeps it zlib-compressed (`packed()`) in at most MAX_PACKED bytes, whatever the text: lines from
+the middle are left out until it fits. Two per inbox (the last check's, the last failure's):
+10,000 inboxes hold at most 40 MB of transcripts.
 """
 
 from __future__ import annotations
@@ -30,18 +35,35 @@ if TYPE_CHECKING:
 
 MAX_BYTES = 12 * 1024
 MAX_LINE = 400
+MAX_PACKED = 2 * 1024  # x 2 transcripts x 10,000 inboxes = 40 MB (issue #13: under 50 MB)
 
 # Client lines that start a login: (everything shown, the secret part)
-_IMAP_LOGIN = re.compile(rb'^(\S+ LOGIN (?:"(?:[^"\\]|\\.)*"|\S+))( .*)?$', re.I | re.S)
-_IMAP_AUTH = re.compile(rb"^(\S+ AUTHENTICATE \S+)( .*)?$", re.I | re.S)
-_SMTP_AUTH = re.compile(rb"^(AUTH \S+)( .*)?$", re.I | re.S)
+# SMTP first: `AUTH LOGIN <base64 user name>` also reads as an IMAP LOGIN tagged "AUTH".
+_LOGINS = (re.compile(rb"^(AUTH \S+)( .*)?$", re.I | re.S),  # SMTP (RFC 4954)
+           re.compile(rb"^(\S+ LOGIN)( .*)?$", re.I | re.S),  # IMAP: user name and password
+           re.compile(rb"^(\S+ AUTHENTICATE \S+)( .*)?$", re.I | re.S))  # IMAP SASL
 _LITERAL = re.compile(rb"\{(\d+)\+?\}$")
+
+# The mailbox beyond counts: folder names (LIST, RFC 3501 7.2.2) but INBOX's and those with a
+# special-use attribute (RFC 6154), which support needs to see; keywords (FLAGS, PERMANENTFLAGS
+# and FETCH's FLAGS, RFC 3501 2.3.2) but the system flags.
+_LIST = re.compile(r'^(\* (?:LIST|LSUB|XLIST) \(([^)]*)\) (?:NIL|"(?:[^"\\]|\\.)*"|\S+) )(.*)$', re.I)
+_NAME = re.compile(r'"(?:[^"\\]|\\.)*"|[^\s(]+')
+_SPECIAL_USE = frozenset(("\\sent", "\\junk", "\\trash", "\\drafts", "\\archive", "\\all",
+                          "\\flagged"))
+_FLAGS = re.compile(r"\b((?:PERMANENT)?FLAGS) \(([^)]*)\)", re.I)
+_SYSTEM_FLAGS = frozenset(("\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft", "\\recent",
+                           "\\*"))
 
 
 # A preset dictionary (RFC 1950 FDICT) of what every transcript says: a 4 KB transcript packs to
 # about a third of what plain zlib makes of it. Changing it makes older packed transcripts
 # unreadable: they live in memory only, so that is fine.
 DICTIONARY = (
+    b" ms imap * connecting to  port  (addresses: ) ms imap * connected to  port : connection "
+    b"refused timed out after s (no answer) TLS handshake failed: self-signed certificate "
+    b"certificate has expired Hostname mismatch, certificate is not valid for certificate "
+    b"presented: <folder> keywords> lines left out "
     b" ms imap * connected to  port  ms imap S * OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS "
     b"ID ENABLE IDLE LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN AUTH=XOAUTH2 AUTH=OAUTHBEARER] "
     b" ms imap C CAPABILITY ms imap S * CAPABILITY IMAP4rev1 OK Pre-login capabilities listed, "
@@ -66,6 +88,26 @@ DICTIONARY = (
 
 def _redacted(data: bytes) -> str:
     return f"<redacted {len(data)} bytes>"
+
+
+def _counts_only(line: str) -> str:
+    """An untagged IMAP reply without what the mailbox holds beyond counts."""
+    listed = _LIST.match(line)
+    if listed:
+        name = _NAME.match(listed.group(3))
+        special = _SPECIAL_USE.intersection(listed.group(2).lower().split())
+        if not special and not (name and name.group(0).strip('"').upper() == "INBOX"):
+            return listed.group(1) + "<folder>"
+    return _FLAGS.sub(_system_flags, line)
+
+
+def _system_flags(flags: re.Match[str]) -> str:
+    every = flags.group(2).split()
+    shown = [f for f in every if f.lower() in _SYSTEM_FLAGS]
+    if len(shown) < len(every):
+        n = len(every) - len(shown)
+        shown.append(f"<{n} keyword{'s' if n > 1 else ''}>")
+    return f"{flags.group(1)} ({' '.join(shown)})"
 
 
 class Transcript:
@@ -102,8 +144,7 @@ class Transcript:
             if conn in self._in_login:
                 self._add(conn, "C", _redacted(line))
                 continue
-            login = (_IMAP_LOGIN.match(line) or _IMAP_AUTH.match(line)
-                     or _SMTP_AUTH.match(line))
+            login = next((m for p in _LOGINS if (m := p.match(line))), None)
             if login:
                 self._in_login.add(conn)
                 shown = login.group(1).decode("utf-8", "replace")
@@ -124,7 +165,8 @@ class Transcript:
                 self._in_login.discard(conn)
         if line.startswith(b"354"):
             self._in_data.add(conn)
-        self._add(conn, "S", line.decode("utf-8", "replace"))
+        text = line.decode("utf-8", "replace")
+        self._add(conn, "S", _counts_only(text) if text.startswith("* ") else text)
 
     def literal(self, conn: str, size: int) -> None:
         self._add(conn, "S", f"<literal: {size} bytes not shown>")
@@ -162,6 +204,32 @@ class Transcript:
 
 
 def pack(text: str) -> bytes:
+    """`text` zlib-packed in at most MAX_PACKED bytes: when it does not fit, lines from the
+    middle are left out (the beginning says where it connected, the end how it ended), as few
+    as fit, found by bisection (a dozen packings at most). Leaving all out always fits."""
+    packed = _deflate(text)
+    if len(packed) <= MAX_PACKED:
+        return packed
+    lines = text.split("\n")
+    fewest, most = 1, len(lines)
+    packed = _deflate(_left_out(lines, most))
+    while fewest < most:
+        n = (fewest + most) // 2
+        candidate = _deflate(_left_out(lines, n))
+        if len(candidate) <= MAX_PACKED:
+            most, packed = n, candidate
+        else:
+            fewest = n + 1
+    return packed
+
+
+def _left_out(lines: list[str], n: int) -> str:
+    kept = len(lines) - n
+    head, tail = lines[:(kept + 1) // 2], lines[len(lines) - kept // 2:]
+    return "\n".join([*head, f"\u2026 {n} lines left out \u2026", *tail])
+
+
+def _deflate(text: str) -> bytes:
     c = zlib.compressobj(6, zdict=DICTIONARY)
     return c.compress(text.encode()) + c.flush()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
 import time
@@ -21,6 +22,7 @@ from .transport import (
     Connection,
     certificate_info,
     context_for,
+    handshake_failure,
     open_socket,
     tls_facts,
     untrusted_certificate,
@@ -47,28 +49,29 @@ class Probe:
         """Where the protocol library's lines go (None: nothing recorded)."""
         return None if self.transcript is None else Tap(self.transcript, self.protocol.value)
 
+    def fact(self, text: str) -> None:
+        """A fact line of this connection's transcript (nothing when none is recorded)."""
+        if self.transcript is not None:
+            self.transcript.fact(self.protocol.value, text)
+
     def opener(self, timeout: float) -> Callable[[], socket.socket]:
         """The function the protocol library calls to get its socket (implicit TLS included)."""
         ep = self.endpoint
         tls = self.tls if ep.security == "ssl" else None
-
-        def open_() -> socket.socket:
-            sock = open_socket(self.conn, ep.host, ep.port, timeout, self.inbox.source_address, tls)
-            if self.transcript is not None:
-                peer = sock.getpeername()
-                self.transcript.fact(self.protocol.value,
-                                     f"connected to {peer[0]} port {peer[1]} ({ep.host})")
-            return sock
-
-        return open_
+        return functools.partial(open_socket, self.conn, ep.host, ep.port, timeout,
+                                 self.inbox.source_address, tls, self.fact)
 
     @contextmanager
     def handshake(self) -> Iterator[None]:
-        """Around anything that may do a TLS handshake: an unverifiable certificate is recorded."""
+        """Around anything that may do a TLS handshake: a failed one is told in the transcript
+        (with the certificate the server presented) and an unverifiable certificate recorded."""
         try:
             yield
-        except ssl.SSLCertVerificationError:
-            self.certificate = untrusted_certificate(self.protocol)
+        except Exception as e:
+            for fact in handshake_failure(e) or ():
+                self.fact(fact)
+            if isinstance(e, ssl.SSLCertVerificationError):
+                self.certificate = untrusted_certificate(self.protocol)
             raise
 
     def secured(self, sock: ssl.SSLSocket) -> None:
@@ -78,7 +81,7 @@ class Probe:
         self.certificate = certificate_info(sock, self.protocol)
         if self.transcript is not None:
             for fact in tls_facts(sock):
-                self.transcript.fact(self.protocol.value, fact)
+                self.fact(fact)
 
     def close(self) -> None:
         """LOGOUT / QUIT when possible; always close the socket. Each protocol's own."""

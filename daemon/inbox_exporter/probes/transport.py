@@ -14,6 +14,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
@@ -44,11 +45,21 @@ class Connection:
 
 
 def open_socket(conn: Connection, host: str, port: int, timeout: float,
-                source_address: str | None, tls: ssl.SSLContext | None) -> socket.socket:
-    """Resolve, connect (trying each address, like socket.create_connection) and wrap in TLS."""
+                source_address: str | None, tls: ssl.SSLContext | None,
+                note: Callable[[str], None] = lambda _: None) -> socket.socket:
+    """Resolve, connect (trying each address, like socket.create_connection) and wrap in TLS.
+
+    `note` hears each phase as it ends, failures included: the addresses DNS returned, each
+    attempt's outcome. A failed TLS handshake is told by the error (see handshake_failure)."""
     conn.phase = Phase.DNS
     host = ascii_host(host)  # DNS and the certificate both know an IDN by its A-labels
-    infos = resolve(host, port, timeout)
+    try:
+        infos = resolve(host, port, timeout)
+    except OSError as e:
+        note(f"DNS lookup of {host} failed: {e}")
+        raise
+    addresses = dict.fromkeys(str(info[4][0]) for info in infos)
+    note(f"connecting to {host} port {port} (addresses: {', '.join(addresses) or 'none'})")
     conn.phase = Phase.CONNECT
     last: OSError | None = None
     for family, kind, proto, _, address in infos:
@@ -59,10 +70,12 @@ def open_socket(conn: Connection, host: str, port: int, timeout: float,
             if source_address:
                 sock.bind((source_address, 0))
             sock.connect(address)
+            note(f"connected to {address[0]} port {address[1]}")
             break
         except OSError as e:
             sock.close()
             last = e
+            note(f"{address[0]} port {address[1]}: {_attempt_failed(e, timeout, conn)}")
     else:
         assert last is not None
         raise last
@@ -76,6 +89,16 @@ def open_socket(conn: Connection, host: str, port: int, timeout: float,
         conn.sock = sock
     conn.phase = Phase.GREETING
     return sock
+
+
+def _attempt_failed(e: OSError, timeout: float, conn: Connection) -> str:
+    if conn.aborted:
+        return "timed out: cut when the step's time ran out"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, TimeoutError):
+        return f"timed out after {timeout:g}s (no answer)"
+    return f"failed: {e.strerror or e}"
 
 
 def ascii_host(host: str) -> str:
@@ -150,10 +173,24 @@ def pending_lookups() -> int:
         return len(_pending)
 
 
+class _TLSSocket(ssl.SSLSocket):
+    """An SSLSocket whose failed handshake leaves on the error what a support desk asks for:
+    the certificate the server presented, verified or not (see handshake_failure)."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except OSError as e:  # a refused certificate, a reset, a timeout: all handshake failures
+            presented = presented_certificate(self)
+            e.tls_presented = presented  # type: ignore[attr-defined]  # - handshake_failure() reads it
+            raise
+
+
 @functools.lru_cache(maxsize=64)
 def tls_context(ca_file: str | None, insecure: bool, _ca_mtime: float = 0.0) -> ssl.SSLContext:
     """A client context; cached, since loading the system trust store costs milliseconds."""
     ctx = ssl.create_default_context()
+    ctx.sslsocket_class = _TLSSocket  # implicit TLS and both libraries' starttls() wrap through it
     if ca_file:
         ctx.load_verify_locations(cafile=ca_file)  # in addition to the system store
     if insecure:
@@ -180,29 +217,69 @@ def certificate_info(sock: ssl.SSLSocket, protocol: Protocol) -> CertificateInfo
                            trusted=sock.context.verify_mode != ssl.CERT_NONE)
 
 
+def presented_certificate(sock: ssl.SSLSocket) -> dict[str, Any] | None:
+    """The server's certificate as getpeercert() would give it, whether or not it was
+    verified, even after a failed handshake; None when not obtainable.
+
+    getpeercert() says nothing until a handshake has succeeded with verification on. OpenSSL
+    keeps the chain the server sent either way (SSL_get_peer_cert_chain); CPython reaches it
+    through its private _ssl object since 3.10 (3.13 makes the chain public, as DER only), and
+    that object's certificates decode themselves as getpeercert() does. Only read, to describe
+    it: the connection is never used unverified."""
+    try:
+        chain = sock._sslobj.get_unverified_chain()  # type: ignore[attr-defined]  # - see above
+        info = chain[0].get_info() if chain else None
+    except (AttributeError, ValueError, ssl.SSLError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def describe_certificate(cert: dict[str, Any]) -> str:
+    """subject; issuer; SANs; expiry of getpeercert()'s dict (subject and issuer RDN tuples)."""
+    def name(field: str) -> str:
+        return ", ".join(f"{k}={v}" for rdn in cert.get(field, ()) for k, v in rdn)
+
+    sans = ", ".join(v for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address"))
+    return (f"subject {name('subject')}; issuer {name('issuer')}; SANs {sans or 'none'}; "
+            f"expires {cert.get('notAfter', '?')}")
+
+
 def tls_facts(sock: ssl.SSLSocket) -> list[str]:
     """What a support desk asks about a TLS connection: version, cipher, the certificate."""
     cipher = sock.cipher()
     facts = [f"TLS {sock.version()}, cipher {cipher[0] if cipher else '?'}"]
-    cert = sock.getpeercert()  # parsed only when verified (else {}): then the DER's expiry
+    cert: dict[str, Any] | None = dict(sock.getpeercert() or {})  # {} unless verified
     if cert:
-        def name(field: str) -> str:
-            # typeshed types every value of the dict alike; subject and issuer are RDN tuples
-            rdns: Any = cert.get(field, ())
-            return ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
-
-        # (type, value) pairs: typeshed types every value of the dict alike
-        alt_names: Any = cert.get("subjectAltName", ())
-        sans = ", ".join(v for k, v in alt_names if k in ("DNS", "IP Address"))
-        facts.append(f"certificate: subject {name('subject')}; issuer {name('issuer')}; "
-                     f"SANs {sans or 'none'}; expires {cert.get('notAfter', '?')}")
-    else:
-        der = sock.getpeercert(binary_form=True)
-        expires = der_not_after(der) if der else None
-        facts.append("certificate: not verified (allow_insecure_certificate)"
-                     + (f"; expires {time.strftime('%b %d %H:%M:%S %Y GMT', time.gmtime(expires))}"
-                        if expires else ""))
+        facts.append(f"certificate: {describe_certificate(cert)}")
+        return facts
+    cert = presented_certificate(sock)
+    if cert:
+        facts.append(f"certificate (not verified: allow_insecure_certificate): "
+                     f"{describe_certificate(cert)}")
+        return facts
+    der = sock.getpeercert(binary_form=True)
+    expires = der_not_after(der) if der else None
+    facts.append("certificate: not verified (allow_insecure_certificate)"
+                 + (f"; expires {time.strftime('%b %d %H:%M:%S %Y GMT', time.gmtime(expires))}"
+                    if expires else ""))
     return facts
+
+
+def handshake_failure(e: BaseException) -> list[str] | None:
+    """What a failed TLS handshake leaves to tell (None: `e` is no handshake failure): the
+    error and, when the server sent one, its certificate. Follows the causes, since protocol
+    libraries rewrap socket errors."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if hasattr(cause, "tls_presented"):
+            cert = cause.tls_presented
+            return [f"TLS handshake failed: {getattr(cause, 'verify_message', None) or cause}",
+                    f"certificate presented: {describe_certificate(cert)}" if cert
+                    else "certificate presented: none received"]
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def untrusted_certificate(protocol: Protocol) -> CertificateInfo:
