@@ -67,12 +67,27 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 def redact_secrets(text: str, secrets: Iterable[str]) -> str:
     """Every form of the known secrets (plain, quoted, base64, repr) in `text`."""
-    for secret in secrets:
-        if not secret:
-            continue
-        for form in sorted(_forms(secret), key=len, reverse=True):
-            text = text.replace(form, REDACTED)
-    return text
+    return SecretForms(secrets).redact(text)
+
+
+class SecretForms:
+    """The forms of known secrets, computed once: for redacting many lines (a transcript
+    redacts every line it records; recomputing the forms per line was a third of its cost)."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        self._forms: list[str] = []
+        for secret in secrets:
+            self.add(secret)
+
+    def add(self, secret: str) -> None:
+        if secret:  # longest first: a form inside a longer one must not break the longer up
+            self._forms = sorted(set(self._forms) | _forms(secret), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for form in self._forms:
+            if form in text:
+                text = text.replace(form, REDACTED)
+        return text
 
 
 def one_line(text: str, secrets: Iterable[str] = ()) -> str:

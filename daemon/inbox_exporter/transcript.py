@@ -10,7 +10,7 @@ in a failed handshake, SASL mechanism, queue id). Redacted as it is written, nev
 - the test email shows its headers, its body only as a size; IMAP literals (message contents)
   only as a size; from the mailbox only counts, INBOX and the special-use folders (RFC 6154)
   with their attributes, system flags: other folder names and keywords never;
-- every line also passes through redact_secrets() with the inbox's own secrets (and the access
+- every line also passes through the secret filter (redact.SecretForms) with the inbox's own secrets (and the access
   token once fetched), as a second net.
 
 Bounded: a transcript stops at MAX_BYTES of text ("... truncated"), lines at MAX_LINE; the store
@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from .redact import redact_secrets, redact_urls
+from .redact import SecretForms, redact_urls
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -117,15 +117,14 @@ class Transcript:
         self._lines: list[str] = []
         self._size = 0
         self._full = False
-        self._secrets = [s for s in secrets if s]
+        self._secrets = SecretForms(secrets)
         self._in_login: set[str] = set()  # connections inside a login exchange
         self._in_data: set[str] = set()  # SMTP connections between DATA's 354 and the message
         self._lock = threading.Lock()  # the IMAP and SMTP legs write at the same time
 
     def secret(self, value: str) -> None:
         """A secret learnt during the check (an access token): never shown either."""
-        if value:
-            self._secrets.append(value)
+        self._secrets.add(value)
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -179,7 +178,7 @@ class Transcript:
             self._add(conn, "C", f"<body: {len(body)} bytes not shown>")
 
     def _add(self, conn: str, who: str, text: str) -> None:
-        text = redact_secrets(redact_urls(text), self._secrets)  # the second net
+        text = self._secrets.redact(redact_urls(text))  # the second net
         if len(text) > MAX_LINE:
             text = text[:MAX_LINE] + f"... ({len(text) - MAX_LINE} more)"
         with self._lock:  # the time taken inside: lines of both legs stay in order
