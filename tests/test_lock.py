@@ -123,13 +123,17 @@ def test_the_command_line_check_passes_on_the_repository():
 
 # --- the checker can fail -----------------------------------------------------------------------
 
+def edit_pyproject(root: Path, pattern: str, replacement: str) -> None:
+    """One change to the copy's pyproject.toml (the first line matching `pattern`)."""
+    pyproject = root / "pyproject.toml"
+    text, n = re.subn(pattern, replacement, pyproject.read_text(), count=1, flags=re.MULTILINE)
+    assert n == 1, pattern
+    pyproject.write_text(text)
+
+
 def test_a_copy_of_the_repository_whose_pyproject_gained_a_dependency_is_stale(tmp_path):
     copy_repository(tmp_path)
-    pyproject = tmp_path / "pyproject.toml"
-    text, n = re.subn(r"^(dependencies\s*=\s*\[)", r'\1 "uvloop>=0.19", ', pyproject.read_text(),
-                      count=1, flags=re.MULTILINE)
-    assert n == 1
-    pyproject.write_text(text)
+    edit_pyproject(tmp_path, r"^(dependencies\s*=\s*\[)", r'\1 "uvloop>=0.19", ')
     found = lockcheck.check(tmp_path)
     assert "requirements/runtime.lock: uvloop is not pinned" in found, found
     assert "requirements/test.lock: uvloop is not pinned" in found, found
@@ -140,11 +144,7 @@ def test_a_copy_of_the_repository_whose_pyproject_gained_a_dependency_is_stale(t
 def test_a_copy_of_the_repository_whose_build_system_requires_changed_is_stale(tmp_path):
     copy_repository(tmp_path)
     assert run_check(tmp_path).returncode == 0
-    pyproject = tmp_path / "pyproject.toml"
-    text, n = re.subn(r'^(requires\s*=\s*\[)', r'\1"wheel>=0.40", ', pyproject.read_text(),
-                      count=1, flags=re.MULTILINE)
-    assert n == 1
-    pyproject.write_text(text)
+    edit_pyproject(tmp_path, r"^(requires\s*=\s*\[)", r'\1"wheel>=0.40", ')
     found = lockcheck.check(tmp_path)
     assert found == [
         "requirements/build.lock was made from another pyproject [build-system].requires",
