@@ -10,8 +10,8 @@ in a failed handshake, SASL mechanism, queue id). Redacted as it is written, nev
 - the test email shows its headers, its body only as a size; IMAP literals (message contents)
   only as a size; from the mailbox only counts, INBOX and the special-use folders (RFC 6154)
   with their attributes, system flags: other folder names and keywords never;
-- every line also passes through the secret filter (redact.SecretForms) with the inbox's own secrets (and the access
-  token once fetched), as a second net.
+- every line also passes through the secret filter (redact.SecretForms) with the inbox's own
+  secrets (and the access token once fetched), as a second net.
 
 Bounded: a transcript stops at MAX_BYTES of text ("... truncated"), lines at MAX_LINE; the store
 keeps it zlib-compressed (`packed()`) in at most MAX_PACKED bytes, whatever the text: lines from
