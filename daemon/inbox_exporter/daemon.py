@@ -193,7 +193,11 @@ class Exporter:
             self.alerts.forget({i.name for i in old.inboxes} - {i.name for i in config.inboxes})
         self.scheduler.apply(config)
         self.exposition.layout(self.store.snapshot())
-        self.history.keep(i.name for i in config.inboxes)
+        names = {i.name for i in config.inboxes}
+        self.history.keep(names)
+        for name in list(self._strips):  # list(): a snapshot; pages may draw meanwhile
+            if name not in names:
+                self._strips.pop(name, None)
         self.tokens.forget({i.oauth.account_key for i in config.inboxes if i.oauth})
         self._adopt(config)
         log.info("config reloaded", extra={"inboxes": len(config.inboxes)})
