@@ -8,16 +8,24 @@ import json
 import os
 import subprocess
 import sys
+from email.parser import HeaderParser
 from pathlib import Path
 
 import pytest
 import yaml
 
 from inbox_exporter.daemon import Exporter
-from inbox_exporter.deliverability import NO_VERDICT, PRESET_AUTHSERV_IDS, hint, read_verdict
+from inbox_exporter.deliverability import (
+    NO_VERDICT,
+    PRESET_AUTHSERV_IDS,
+    hint,
+    read_header,
+    read_verdict,
+)
 from maillab.deliverability import AUTHSERV_ID, SCENARIOS
 
 from .conftest import check_now, wait_until
+from .test_deliverability_lab import fetch_over_imap, submit
 
 GMAIL = ("mx.google.com; dkim=pass header.i=@example.com header.s=s1 header.b=AbCd; "
          "spf=pass (google.com: domain of a@example.com designates 203.0.113.7 as permitted "
@@ -92,6 +100,11 @@ def test_one_passing_dkim_signature_of_several_is_a_pass():
     assert read_verdict([header], trusted=["mx.lab.example"]).results["dkim"] == "pass"
 
 
+def test_a_none_after_results_is_not_read_as_a_result():
+    v = read_verdict(["mx.lab.example; spf=pass smtp.mailfrom=a.test; none"], trusted=None)
+    assert v.results == {"spf": "pass", "dkim": "none", "dmarc": "none"}
+
+
 def test_no_header_at_all_is_no_verdict_not_a_failure():
     v = read_verdict([], [], trusted=["mx.lab.example"])
     assert v is NO_VERDICT and v.authserv_id is None and not v.failed
@@ -118,9 +131,136 @@ def test_the_hint_names_what_to_fix():
     assert "align the From domain" in text
 
 
-def test_unparseable_headers_are_skipped_not_fatal():
+def test_an_unreadable_receivers_header_is_no_verdict_and_says_so():
+    # the topmost trusted header is the receiver's: a readable one lower down never stands in
     v = read_verdict(["mx.lab.example; spf=", OPENDKIM_FAIL], trusted=["mx.lab.example"])
-    assert v.results["dkim"] == "fail"
+    assert v.results == dict.fromkeys(("spf", "dkim", "dmarc"), "none") and not v.failed
+    assert v.unreadable and v.authserv_id == "mx.lab.example"
+    assert v.summary() == ("the receiver's header could not be read "
+                           "[Authentication-Results by mx.lab.example]")
+
+
+# --- which headers are the receiving hop's: real layouts, topmost field first ----------------
+# Only Received, Authentication-Results and ARC-Authentication-Results count (the delivery step
+# fetches those); the others are kept to show the layouts as the providers write them.
+
+LAB = """\
+Return-Path: <a@a.test>
+Received: from mail.example.test ([127.0.0.1]) by vm with LMTP id MNHAFXMAE2tONAAAg+zDdQ
+Authentication-Results: mx.lab.example; dmarc=pass (p=reject dis=none) header.from=a.test
+Authentication-Results: mx.lab.example; dkim=pass (2048-bit key; unprotected) header.d=a.test
+Authentication-Results: mx.lab.example; spf=pass (sender SPF authorized) smtp.mailfrom=a.test
+Received: from mail.example.test (unknown [127.0.0.1]) by mail.example.test (Postfix) with ESMTP
+DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=a.test; s=maillab
+Received: from [127.0.0.1] (unknown [127.0.0.1]) by mail.example.test (Postfix) with ESMTPSA
+{carried}From: a@a.test
+"""
+LAB_SPF_FAIL_ONLY = "".join(line for line in LAB.splitlines(keepends=True)
+                            if "dkim=" not in line and "dmarc=" not in line
+                            ).replace("spf=pass", "spf=fail")
+# Gmail writes one header, below its own Received line, and the verdict again as ARC i=1.
+GMAIL_LAYOUT = """\
+Delivered-To: probe@gmail.com
+Received: by 2002:a05:7300:5387:b0:10d:8a3f:1c2e with SMTP id j7csp1834392dyb;
+        Fri, 4 Dec 2026 10:00:01 -0800 (PST)
+ARC-Authentication-Results: i=1; mx.google.com;
+       spf=softfail (google.com: domain of transitioning a@example.com does not designate
+       203.0.113.7 as permitted sender) smtp.mailfrom=a@example.com
+Return-Path: <a@example.com>
+Received: from mail.example.com (mail.example.com. [203.0.113.7])
+        by mx.google.com with ESMTPS id a1si123456.2026.12.04.10.00.01
+Received-SPF: softfail (google.com: domain of transitioning a@example.com does not designate
+ 203.0.113.7 as permitted sender) client-ip=203.0.113.7;
+Authentication-Results: mx.google.com;
+       spf=softfail (google.com: domain of transitioning a@example.com does not designate
+       203.0.113.7 as permitted sender) smtp.mailfrom=a@example.com
+Received: from [10.0.0.2] by mail.example.com (Postfix) with ESMTPSA id 4Q3xYz
+{carried}From: a@example.com
+"""
+# Exchange Online: its header (no authserv-id) above Received-SPF and the Received line of its
+# edge, its own internal hops above.
+EXCHANGE_LAYOUT = """\
+Received: from DM6PR11MB4657.namprd11.prod.outlook.com (2603:10b6:5:1d0::12) by
+ SA1PR11MB8278.namprd11.prod.outlook.com with HTTPS; Fri, 4 Dec 2026 18:00:02 +0000
+Received: from BN9PR03CA0123.namprd03.prod.outlook.com (2603:10b6:408:fe::8) by
+ DM6PR11MB4657.namprd11.prod.outlook.com (2603:10b6:5:1d0::12) with Microsoft SMTP Server
+Authentication-Results: spf=fail (sender IP is 203.0.113.7) smtp.mailfrom=example.com;
+ dkim=none (message not signed) header.d=none;dmarc=fail action=oreject
+ header.from=example.com;compauth=fail reason=000
+Received-SPF: Fail (protection.outlook.com: domain of example.com does not designate
+ 203.0.113.7 as permitted sender) receiver=protection.outlook.com; client-ip=203.0.113.7;
+Received: from mail.example.com (203.0.113.7) by
+ BN1PEPF00004680.mail.protection.outlook.com (10.167.243.85) with Microsoft SMTP Server
+Received: from [10.0.0.2] by mail.example.com (Postfix) with ESMTPSA id 4Q3xYz
+{carried}From: a@example.com
+"""
+PASSES = "spf=pass smtp.mailfrom=a.test; dkim=pass header.d=a.test; dmarc=pass header.from=a.test"
+
+
+def fields(layout: str, carried: str = "") -> list[tuple[str, str]]:
+    """The header fields of a layout, topmost first; `carried`: the sender's own fields."""
+    return HeaderParser().parsestr(layout.format(carried=carried)).items()
+
+
+@pytest.mark.parametrize("layout,carried,trusted,expected", [
+    # every verifier's header of the receiving hop is merged; one carried in stays out
+    (LAB, f"Authentication-Results: mx.lab.example; {PASSES}\n", ["mx.lab.example"],
+     "pass pass pass"),
+    # the receiver wrote SPF only; a carried-in header below its Received: must not fill in
+    (LAB_SPF_FAIL_ONLY, f"Authentication-Results: mx.lab.example; {PASSES}\n",
+     ["mx.lab.example"], "fail none none"),
+    (LAB_SPF_FAIL_ONLY, f"Authentication-Results: mx.lab.example; {PASSES}\n", None,
+     "fail none none"),
+    # Gmail: the single header below its own Received: line is the topmost trusted one
+    (GMAIL_LAYOUT, f"Authentication-Results: mx.google.com; {PASSES}\n",
+     PRESET_AUTHSERV_IDS["gmail"], "softfail none none"),
+    (EXCHANGE_LAYOUT, f"Authentication-Results: {PASSES}\n",
+     PRESET_AUTHSERV_IDS["microsoft365"], "fail none fail"),
+])
+def test_only_the_receiving_hops_headers_are_merged(layout, carried, trusted, expected):
+    v = read_header(fields(layout, carried), trusted)
+    assert v.results == dict(zip(("spf", "dkim", "dmarc"), expected.split(), strict=True))
+    assert v.failed is ("pass" not in expected.split()[:2] or "fail" in expected.split()[2])
+    assert v.source == "Authentication-Results" and not v.unreadable
+
+
+@pytest.mark.parametrize("layout,carried_id,trusted,authserv_id", [
+    (LAB.replace("dmarc=pass (p=reject dis=none)", "dmarc=(p=reject"), "mx.lab.example; ",
+     ["mx.lab.example"], "mx.lab.example"),
+    (EXCHANGE_LAYOUT.replace("203.0.113.7)", "203.0.113.7", 1), "",
+     PRESET_AUTHSERV_IDS["microsoft365"], ""),
+    (LAB.replace("mx.lab.example; dmarc=pass", "@@ broken"), "mx.lab.example; ", None, ""),
+])
+def test_an_unreadable_topmost_trusted_header_ends_the_search(layout, carried_id, trusted,
+                                                              authserv_id):
+    # the receiver's other headers and the carried-in one are readable: none stands in for it
+    v = read_header(fields(layout, f"Authentication-Results: {carried_id}{PASSES}\n"), trusted)
+    assert set(v.results.values()) == {"none"}
+    assert v.unreadable and v.authserv_id == authserv_id and not v.failed
+    assert v.summary().startswith("the receiver's header could not be read")
+
+
+@pytest.mark.parametrize("auth,arcs,trusted,expected", [
+    # no configured id: ARC only from the server whose Authentication-Results is trusted
+    ([], [f"i=9; evil.test; {PASSES}"], None, None),
+    (["mx.lab.example; none"], [f"i=9; evil.test; {PASSES}"], None, "none none none"),
+    # a configured id: the highest instance among the trusted ARC sets
+    (["relay.example; none"], ["i=1; mx.google.com; spf=fail smtp.mailfrom=a.test",
+                               f"i=2; evil.test; {PASSES}"], ["mx.google.com"],
+     "fail none none"),
+    (["relay.example; none"], [f"i=2; evil.test; {PASSES}"], ["mx.google.com"], None),
+    # the highest trusted set unreadable: a lower instance does not stand in for it
+    (["relay.example; none"], ["i=1; mx.google.com; spf=pass smtp.mailfrom=a.test",
+                               "i=2; mx.google.com; spf=(pass"], ["mx.google.com"],
+     "none none none"),
+])
+def test_arc_results_are_believed_only_from_a_trusted_server(auth, arcs, trusted, expected):
+    v = read_verdict(auth, arcs, trusted)
+    if expected is None:
+        assert v is NO_VERDICT
+    else:
+        assert v.results == dict(zip(("spf", "dkim", "dmarc"), expected.split(), strict=True))
+        assert v.authserv_id != "evil.test"
 
 
 # --- against the lab's real verifiers (nsd, OpenDKIM, OpenDMARC, policyd-spf) ----------------
@@ -222,8 +362,26 @@ def test_the_daemon_exports_the_verdict_per_method_and_shows_the_reason(lab, ver
     assert auth["authserv_id"] == AUTHSERV_ID
 
 
+@pytest.mark.parametrize("scenario", ["pass", "nokey", "nospf", "unaligned", "spoof"])
+def test_the_lab_receivers_headers_in_their_real_order_are_all_merged(lab, verifiers, scenario):
+    """OpenDMARC's, OpenDKIM's and policyd-spf's headers sit between Dovecot's and the mx's
+    Received lines; a header the sender carried in arrives below the mx's (the relay drops one
+    with the mx's id, so it comes in under another and is renamed here, as if it had not)."""
+    token = submit(lab, verifiers.add_sender(scenario), verifiers.receiver.address,
+                   extra_headers={"Authentication-Results": f"carried.example; {PASSES}"})
+    msg = fetch_over_imap(lab, verifiers.receiver, token)
+    names = [name.lower() for name, _ in msg.items()]
+    carried = len(names) - 1 - names[::-1].index("authentication-results")
+    assert "received" in names[names.index("authentication-results"):carried]
+    header = [(n, str(v).replace("carried.example", AUTHSERV_ID)) for n, v in msg.items()]
+    v = read_header(header, [AUTHSERV_ID])
+    assert v.results == SCENARIOS[scenario].expected, msg.get_all("Authentication-Results")
+    assert v.authserv_id == AUTHSERV_ID and read_header(header, None).results == v.results
+
+
 def test_mail_without_authentication_results_is_no_verdict_not_a_failure(lab, verifiers,
                                                                          tmp_path):
     plain = verifiers.plain_recipient  # delivered without the verifiers: no header at all
     doc, _ = check_scenario(lab, verifiers, tmp_path, "pass", receiver=plain)
     assert delivery_step(doc)["status"] == "ok"
+

@@ -33,7 +33,7 @@ from . import errors
 from .classify import Context, classify
 from .config import Inbox
 from .deadline import WATCHDOG
-from .deliverability import Verdict, read_verdict
+from .deliverability import Verdict, read_header
 from .deliverability import hint as deliverability_hint
 from .limits import ConnectionLimits
 from .model import Phase, Status, Step, StepResult
@@ -243,7 +243,7 @@ class DeliveryConfirmer:
                 delivery.remove(client, folder, probe_id, delivery.trash_folder(client),
                                 self.probe_key)
             received = found.received[0] - accepted_at if found.received else None
-            verdict = read_verdict(found.auth_results, found.arc_results, d.authserv_ids)
+            verdict = read_header(found.verdict_fields, d.authserv_ids)
             if folder == junk:
                 return self._failed(inbox, probe_id, errors.DeliveredToJunk(
                     f"found in {folder} after {now - accepted_at:.1f}s; {verdict.summary()}"),

@@ -1,12 +1,18 @@
 """Did the test email pass SPF, DKIM and DMARC where it landed? The receiving server's verdict,
 read from the `Authentication-Results` header (RFC 8601) of the delivered probe mail.
 
-Only a header the receiving side wrote is believed: the topmost one whose authserv-id is one the
-inbox trusts (`delivery.authserv_id`, or its provider's preset). A sender can put any header in
-its message; a receiving server adds its own above those (and should remove forged ones with
-its id). Without a configured or preset id, the topmost header is taken: the mailbox's own
-server writes last. A message that was forwarded may carry the first receiver's verdict only in
-`ARC-Authentication-Results` (RFC 8617): used when no trusted Authentication-Results is there.
+Only headers the receiving hop wrote are believed. A sender can put any header in its message,
+and a receiving server adds its own above those (and should remove forged ones with its id,
+RFC 8601 section 5). So: the topmost header whose authserv-id the inbox trusts
+(`delivery.authserv_id`, or its provider's preset; without either, the topmost header's id: the
+mailbox's own server writes last), and below it only the trusted headers up to the next
+`Received:` field, the hop boundary: a receiver may write one header per verifier (Postfix with
+OpenDMARC, OpenDKIM and an SPF policy service writes three, above its own `Received:`; Gmail
+writes one, just below its own), while a header the sender carried in sits below the receiver's
+`Received:`. An unreadable topmost trusted header ends the search: nothing lower stands in for
+the receiver. A forwarded message may carry the verdict only in `ARC-Authentication-Results`
+(RFC 8617): used when no trusted Authentication-Results is there, the highest instance whose
+authserv-id is trusted.
 
 Parsing is the `authres` package's (the RFC 8601 grammar, as used by dkimpy), not ours. Exchange
 Online writes its header without an authserv-id (`spf=pass (...) ...; dkim=...; dmarc=...`):
@@ -26,6 +32,7 @@ RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerro
 # What verifiers write beyond RFC 8601's words, in the closed set the metric allows.
 _ALIASES = {"hardfail": "fail", "policy": "fail", "bestguesspass": "pass", "invalid": "permerror"}
 _ARC_INSTANCE = re.compile(r"^\s*i\s*=\s*(\d+)\s*;")
+AR, ARC = "Authentication-Results", "ARC-Authentication-Results"
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class Verdict:
     reasons: dict[str, str] = field(default_factory=dict)  # method -> `dkim=fail reason="..."`
     authserv_id: str | None = None  # None: no trusted header: nothing was verified
     source: str | None = None  # "Authentication-Results" or "ARC-Authentication-Results"
+    unreadable: bool = False  # the trusted header is there, but could not be parsed
 
     @property
     def failed(self) -> bool:
@@ -52,58 +60,94 @@ class Verdict:
         """`spf=pass dkim=fail (signature verification failed) dmarc=fail` for details."""
         if self.authserv_id is None:
             return "no Authentication-Results from a trusted server"
+        by = f"{self.source} by {self.authserv_id or 'unnamed server'}"
+        if self.unreadable:
+            return f"the receiver's header could not be read [{by}]"
         parts = []
         for m in METHODS:
             reason = self.reasons.get(m)
             parts.append(f"{m}={self.results[m]}" + (f" ({reason})" if reason else ""))
-        return " ".join(parts) + f" [{self.source} by {self.authserv_id or 'unnamed server'}]"
+        return " ".join(parts) + f" [{by}]"
 
 
 NO_VERDICT = Verdict()
 
 
+@dataclass(frozen=True)
+class _Header:
+    """One Authentication-Results (or ARC-Authentication-Results) field, parsed."""
+
+    authserv_id: str | None  # None: not even the id could be read
+    results: list | None  # None: the field could not be parsed
+    rank: int  # Authentication-Results: Received fields above it; ARC: its instance
+
+
+def read_header(fields: Iterable[tuple[str, str]],
+                trusted: Iterable[str] | None = None) -> Verdict:
+    """The verdict from a message's header fields, (name, value) in their order, topmost first;
+    fields other than Received, Authentication-Results and ARC-Authentication-Results are
+    ignored. `trusted`: authserv-ids to believe (case-insensitive); None believes the topmost
+    Authentication-Results' id."""
+    hop, found, arcs = 0, [], []
+    for name, value in fields:
+        kind = name.strip().lower()
+        if kind == "received":
+            hop += 1
+        elif kind == AR.lower():
+            found.append(_parse(value, hop))
+        elif kind == ARC.lower() and (m := _ARC_INSTANCE.match(value)):
+            arcs.append(_parse(value[m.end():], int(m.group(1))))
+    # Without a configured id, an unreadable topmost header's id (None) is the one trusted, so
+    # that header still ends the search below.
+    ids = ({t.lower() for t in trusted} if trusted is not None
+           else {found[0].authserv_id} if found else set())
+    top = next((h for h in found if h.authserv_id in ids), None)
+    if top is not None:
+        # the trusted headers of the topmost one's hop: none above it is trusted
+        return _verdict([h for h in found if h.rank == top.rank and h.authserv_id in ids],
+                        source=AR)
+    arc = max((h for h in arcs if h.authserv_id in ids), key=lambda h: h.rank, default=None)
+    return NO_VERDICT if arc is None else _verdict([arc], source=ARC)
+
+
 def read_verdict(auth_results: Sequence[str], arc_results: Sequence[str] = (),
                  trusted: Iterable[str] | None = None) -> Verdict:
-    """The verdict from a message's header values, topmost first. `trusted`: authserv-ids to
-    believe (case-insensitive); None believes the topmost header's id.
-
-    A receiver may write one header per verifier (Postfix with OpenDMARC, OpenDKIM and an SPF
-    policy service writes three, all with its id): the trusted headers are merged, the topmost
-    result of each method winning, so a header further down cannot overrule the receiver's."""
-    parsed = [p for p in map(_parse, auth_results) if p is not None]
-    ids = ({t.lower() for t in trusted} if trusted is not None
-           else {parsed[0][0].lower()} if parsed else set())
-    mine = [p for p in parsed if p[0].lower() in ids]
-    if mine:
-        return _verdict(mine, source="Authentication-Results")
-    arcs = sorted(((int(m.group(1)), _ARC_INSTANCE.sub("", v, count=1))
-                   for v in arc_results if (m := _ARC_INSTANCE.match(v))), reverse=True)
-    for _, value in arcs:  # the highest instance: the last hop that sealed the chain
-        arc = _parse(value)
-        if arc is not None and (trusted is None or arc[0].lower() in ids):
-            return _verdict([arc], source="ARC-Authentication-Results")
-    return NO_VERDICT
+    """read_header from the values alone, topmost first, for a caller that kept no Received
+    fields: without them there is no hop boundary, and every trusted header counts as the
+    receiving hop's. Pass the fields to read_header where they are at hand."""
+    return read_header([*((AR, v) for v in auth_results), *((ARC, v) for v in arc_results)],
+                       trusted)
 
 
-def _parse(value: str) -> tuple[str, list] | None:
+def _parse(value: str, rank: int) -> _Header:
     text = " ".join(value.split())
-    head = text.split(";", 1)[0]
-    if "=" in head:  # Exchange Online: no authserv-id before the first result
+    unnamed = "=" in text.split(";", 1)[0]  # Exchange Online: no authserv-id before a result
+    if unnamed:
         text = "unnamed; " + text
     try:
-        header = authres.AuthenticationResultsHeader.parse(f"Authentication-Results: {text}")
+        header = authres.AuthenticationResultsHeader.parse(f"{AR}: {text}")
     except authres.core.AuthResError:
-        return None
-    authserv_id = "" if header.authserv_id == "unnamed" and "=" in head else header.authserv_id
-    return authserv_id, list(header.results)
+        # whose header it is, when only the rest is beyond the grammar
+        try:
+            head = text.split(";", 1)[0]
+            header = authres.AuthenticationResultsHeader.parse(f"{AR}: {head}; none")
+        except authres.core.AuthResError:
+            return _Header(None, None, rank)
+        return _Header("" if unnamed else header.authserv_id, None, rank)
+    # authres keeps a `none` that follows results as an entry without a method: not a result
+    results = [r for r in header.results if isinstance(r, authres.core.AuthenticationResult)]
+    return _Header("" if unnamed else header.authserv_id, results, rank)
 
 
-def _verdict(headers: list[tuple[str, list]], source: str) -> Verdict:
+def _verdict(headers: list[_Header], source: str) -> Verdict:
+    top = headers[0]
+    if top.results is None:  # the receiver's header: nothing lower stands in for it
+        return Verdict(authserv_id=top.authserv_id or "", source=source, unreadable=True)
     out: dict[str, str | None] = dict.fromkeys(METHODS)
     reasons: dict[str, str] = {}
-    for _, results in headers:
+    for header in headers:
         seen_here: set[str] = set()
-        for r in results:
+        for r in header.results or ():  # a lower unreadable one adds nothing
             method = str(r.method).lower()
             if method not in out:
                 continue
@@ -119,7 +163,7 @@ def _verdict(headers: list[tuple[str, list]], source: str) -> Verdict:
             else:
                 reasons.pop(method, None)
     results_ = {m: v or "none" for m, v in out.items()}
-    return Verdict(results_, reasons, headers[0][0], source)
+    return Verdict(results_, reasons, top.authserv_id, source)
 
 
 # Where the presets' mail lands and who writes the header there.

@@ -39,8 +39,9 @@ class Found:
     uid: int
     internal_date: float  # when the server stored it (Unix time)
     received: tuple[float, ...]  # Received: header timestamps, newest first
-    auth_results: tuple[str, ...] = ()  # Authentication-Results values, topmost first
-    arc_results: tuple[str, ...] = ()  # ARC-Authentication-Results values
+    # Received, Authentication-Results and ARC-Authentication-Results fields as (name, value),
+    # topmost first: the verdict needs their order (a Received line ends the receiver's hop)
+    verdict_fields: tuple[tuple[str, str], ...] = ()
 
 
 def is_ours(headers: bytes, key: ProbeKey, probe_id: str | None = None) -> bool:
@@ -83,6 +84,9 @@ def _ours(client: IMAPClient, uids: list[int], probe_id: str | None,
     return {uid: d for uid, d in data.items() if field and is_ours(d[field], key, probe_id)}
 
 
+_VERDICT_FIELDS = frozenset({"received", "authentication-results", "arc-authentication-results"})
+
+
 def find(client: IMAPClient, folder: str, probe_id: str, key: ProbeKey) -> Found | None:
     """The probe mail in `folder`, read-only (EXAMINE); None if it is not there."""
     client.select_folder(folder, readonly=True)
@@ -91,8 +95,8 @@ def find(client: IMAPClient, folder: str, probe_id: str, key: ProbeKey) -> Found
         key = next(k for k in d if k.startswith(b"BODY[HEADER"))
         msg = BytesHeaderParser().parsebytes(d[key])
         return Found(folder, uid, _timestamp(d[b"INTERNALDATE"]), _received(d[key]),
-                     tuple(str(v) for v in msg.get_all("Authentication-Results") or ()),
-                     tuple(str(v) for v in msg.get_all("ARC-Authentication-Results") or ()))
+                     tuple((name, str(value)) for name, value in msg.items()
+                           if name.lower() in _VERDICT_FIELDS))
     return None
 
 
