@@ -20,12 +20,19 @@ from inbox_exporter.deliverability import (
     PRESET_AUTHSERV_IDS,
     hint,
     read_header,
-    read_verdict,
 )
 from maillab.deliverability import AUTHSERV_ID, SCENARIOS
 
 from .conftest import check_now, wait_until
 from .test_deliverability_lab import fetch_over_imap, submit
+
+
+def read_verdict(auth_results, arc_results=(), trusted=None):
+    """read_header from header values alone, topmost first: no Received fields, so no hop
+    boundary (every trusted header counts as the receiving hop's)."""
+    return read_header([*(("Authentication-Results", v) for v in auth_results),
+                        *(("ARC-Authentication-Results", v) for v in arc_results)], trusted)
+
 
 GMAIL = ("mx.google.com; dkim=pass header.i=@example.com header.s=s1 header.b=AbCd; "
          "spf=pass (google.com: domain of a@example.com designates 203.0.113.7 as permitted "
@@ -282,15 +289,9 @@ def check_scenario(lab, verifiers, tmp_path, scenario: str, receiver=None,
     sender = verifiers.add_sender(scenario)
     receiver = receiver or verifiers.receiver
     config = tmp_path / f"{scenario}.yaml"
-    config.write_text(yaml.safe_dump({"inboxes": [{
-        "name": scenario, "email": sender.address, "password_env": "SENDER_PW",
-        "ca_file": str(lab.ca_file), "timeout": "10s",
-        "imap": {"host": lab.host, "port": lab.ports.imaps, "security": "ssl"},
-        "smtp": {"host": lab.host, "port": lab.ports.submission, "security": "starttls"},
-        "test_email": {"to": receiver.address},
-        "delivery": {"mailbox": {"host": lab.host, "port": lab.ports.imaps, "security": "ssl",
-                                 "username": receiver.address, "password_env": "RECEIVER_PW"},
-                     "timeout": "30s", "authserv_id": AUTHSERV_ID}}]}))
+    entry = scenario_entry(lab, scenario, sender, receiver, timeout="10s")
+    entry["delivery"]["timeout"] = "30s"
+    config.write_text(yaml.safe_dump({"inboxes": [entry]}))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "daemon"), "SENDER_PW": sender.password,
            "RECEIVER_PW": receiver.password}
     base = [sys.executable, "-m", "inbox_exporter", "check", f"--config.file={config}"]
@@ -301,6 +302,20 @@ def check_scenario(lab, verifiers, tmp_path, scenario: str, receiver=None,
     if transcript:
         text = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120).stdout
     return doc, text
+
+
+def scenario_entry(lab, name: str, sender, receiver, **extra) -> dict:
+    """A config entry sending from a scenario's sender to `receiver`, the verdict trusted from
+    the lab's verifiers (passwords from SENDER_PW and RECEIVER_PW)."""
+    return {
+        "name": name, "email": sender.address, "password_env": "SENDER_PW",
+        "ca_file": str(lab.ca_file), **extra,
+        "imap": {"host": lab.host, "port": lab.ports.imaps, "security": "ssl"},
+        "smtp": {"host": lab.host, "port": lab.ports.submission, "security": "starttls"},
+        "test_email": {"to": receiver.address},
+        "delivery": {"mailbox": {"host": lab.host, "port": lab.ports.imaps, "security": "ssl",
+                                 "username": receiver.address, "password_env": "RECEIVER_PW"},
+                     "authserv_id": AUTHSERV_ID}}
 
 
 def delivery_step(doc: dict) -> dict:
@@ -332,15 +347,8 @@ def test_the_daemon_exports_the_verdict_per_method_and_shows_the_reason(lab, ver
     sender = verifiers.add_sender("wrongkey")
     receiver = verifiers.receiver
     config = tmp_path / "daemon.yaml"
-    config.write_text(yaml.safe_dump({"inboxes": [{
-        "name": "wrongkey", "email": sender.address, "password_env": "SENDER_PW",
-        "ca_file": str(lab.ca_file), "interval": "1h",
-        "imap": {"host": lab.host, "port": lab.ports.imaps, "security": "ssl"},
-        "smtp": {"host": lab.host, "port": lab.ports.submission, "security": "starttls"},
-        "test_email": {"to": receiver.address},
-        "delivery": {"mailbox": {"host": lab.host, "port": lab.ports.imaps, "security": "ssl",
-                                 "username": receiver.address, "password_env": "RECEIVER_PW"},
-                     "authserv_id": AUTHSERV_ID}}]}))
+    config.write_text(yaml.safe_dump({"inboxes": [
+        scenario_entry(lab, "wrongkey", sender, receiver, interval="1h")]}))
     exporter = Exporter(str(config), environ={"SENDER_PW": sender.password,
                                               "RECEIVER_PW": receiver.password})
     exporter.start()

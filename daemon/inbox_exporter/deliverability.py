@@ -22,7 +22,7 @@ such a header is read under the id "" (what the Microsoft presets trust).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import authres
@@ -108,15 +108,6 @@ def read_header(fields: Iterable[tuple[str, str]],
                         source=AR)
     arc = max((h for h in arcs if h.authserv_id in ids), key=lambda h: h.rank, default=None)
     return NO_VERDICT if arc is None else _verdict([arc], source=ARC)
-
-
-def read_verdict(auth_results: Sequence[str], arc_results: Sequence[str] = (),
-                 trusted: Iterable[str] | None = None) -> Verdict:
-    """read_header from the values alone, topmost first, for a caller that kept no Received
-    fields: without them there is no hop boundary, and every trusted header counts as the
-    receiving hop's. Pass the fields to read_header where they are at hand."""
-    return read_header([*((AR, v) for v in auth_results), *((ARC, v) for v in arc_results)],
-                       trusted)
 
 
 def _parse(value: str, rank: int) -> _Header:
